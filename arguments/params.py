@@ -1,0 +1,277 @@
+"""Configuration groups, one dataclass each, with LucidDreamer's section and key names.
+
+Every field carries a comment; defaults are stock LucidDreamer's (see shared reference) unless the comment says
+otherwise. `PTDParams` is ours (paper Sec. 4, App. E).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ModelParams:
+    # run folder name: outputs go to <output_root>/<workspace>/
+    workspace: str = "debug"
+    # parent folder of all run folders
+    output_root: str = "output"
+    # maximum spherical-harmonics degree of the Gaussians' colours (0..3)
+    sh_degree: int = 0
+    # cameras sampled per stack; views are popped from it C_batch_size at a time, one fov per stack
+    batch: int = 10
+    # white background for test renders (False: black)
+    white_background: bool = True
+    # probability of rendering a training view at SH degree 0
+    sh_deg_aug_ratio: float = 0.1
+    # probability of swapping the background of a training view for a random colour
+    bg_aug_ratio: float = 0.5
+    # probability of perturbing SH coefficients (stock: unused, 0)
+    shs_aug_ratio: float = 0.0
+    # probability of the render-time scale noise (s + N(0,1) sqrt(0.2) s / 4)
+    scale_aug_ratio: float = 1.0
+
+
+@dataclass
+class PipelineParams:
+    # rasterizer: auto (inria, else gsplat, else torch, by what imports and where the tensors live) | torch | gsplat | inria
+    backend: str = "auto"
+    # extra checks (finite renders, gradient norms) at a small cost
+    debug: bool = False
+
+
+@dataclass
+class OptimizationParams:
+    # stage-2 iterations
+    iterations: int = 5000
+    # position lr at iteration 0, times the scene's spatial scale (default_radius)
+    position_lr_init: float = 0.00016
+    # position lr at the last iteration (log-linear in between)
+    position_lr_final: float = 0.0000016
+    # lr warm-up multiplier of the position schedule (3DGS delay_mult)
+    position_lr_delay_mult: float = 0.01
+    # SH DC lr at iteration 0 (SH rest uses 1/20 of it)
+    feature_lr: float = 0.0050
+    # SH DC lr at the last iteration
+    feature_lr_final: float = 0.0030
+    # opacity lr (constant)
+    opacity_lr: float = 0.05
+    # log-scale lr at iteration 0
+    scaling_lr: float = 0.005
+    # log-scale lr at the last iteration
+    scaling_lr_final: float = 0.001
+    # quaternion lr at iteration 0
+    rotation_lr: float = 0.001
+    # quaternion lr at the last iteration
+    rotation_lr_final: float = 0.0002
+    # lr of the trained background colour
+    background_lr: float = 0.001
+    # probability of encoding the normalised disparity instead of RGB (geometry supervision)
+    as_latent_ratio: float = 0.2
+    # Gaussians larger than percent_dense * scene extent are split, smaller ones cloned
+    percent_dense: float = 0.003
+    # screen-space positional-gradient norm above which a Gaussian is densified
+    densify_grad_threshold: float = 0.00075
+    # weight of the total-variation losses on image and depth
+    lambda_tv: float = 1.0
+    # weight of the loss on the (noised) scales
+    lambda_scale: float = 1.0
+    # densify and prune every this many iterations
+    densification_interval: int = 100
+    # reset opacities every this many iterations
+    opacity_reset_interval: int = 300
+    # first iteration of densification
+    densify_from_iter: int = 100
+    # last iteration of densification
+    densify_until_iter: int = 3000
+    # timestep range and delta anneal over the first warmup_iter iterations
+    warmup_iter: int = 1500
+    # first camera relaxation; then every that many iterations
+    scale_up_cameras_iter: int = 500
+    # radius multiplier at each relaxation
+    scale_up_factor: float = 0.95
+    # fov range multipliers (low, high) at each relaxation
+    fovy_scale_up_factor: List[float] = field(default_factory=lambda: [0.75, 1.1])
+    # polar/azimuth range multiplier at each relaxation
+    phi_scale_up_factor: float = 1.5
+    # densification statistics from the last view of the batch (stock) or from all views
+    densify_stats: str = "last"
+    # iterations at which the PLY is saved (the last iteration always is)
+    save_iterations: List[int] = field(default_factory=lambda: [2500, 5000])
+    # render the six test views every this many iterations (0: only at the end)
+    test_interval: int = 500
+    # frames of the 360-degree video (stock: 240 at 30 fps)
+    video_frames: int = 240
+    # frames per second of the videos
+    video_fps: int = 30
+    # write a resumable checkpoint every this many iterations (0: never)
+    checkpoint_interval: int = 500
+
+
+@dataclass
+class GuidanceParams:
+    # prior: a hub id, a local diffusers folder, or "tiny" (the offline toy model set)
+    model_key: str = "stabilityai/stable-diffusion-2-1-base"
+    # run the UNet/VAE in fp16 (CUDA only; ignored on CPU)
+    fp16: bool = True
+    # optional LoRA folder (diffusers format) fused into the prior, e.g. the prior-finetune LoRA of form_path.py --images
+    prior_lora: Optional[str] = None
+    # the prompt
+    text: str = ""
+    # negative prompt: the unconditional branch of CFG
+    negative: str = ""
+    # prompt of the DDIM inversion (stock: empty)
+    inverse_text: str = ""
+    # Perp-Neg view guidance
+    perpneg: bool = False
+    # Perp-Neg weight of the negative views
+    negative_w: float = -2.0
+    # Perp-Neg decay of the front view weight
+    front_decay_factor: float = 2.0
+    # Perp-Neg decay of the side view weight
+    side_decay_factor: float = 10.0
+    # timestep range (fractions of 1000) after warm-up
+    t_range: List[float] = field(default_factory=lambda: [0.02, 0.5])
+    # upper timestep fraction at iteration 0 (annealed down to t_range[1])
+    max_t_range: float = 0.98
+    # Score Distillation Sampling instead of Interval Score Matching
+    sds: bool = False
+    # seed of the guidance noise generator
+    noise_seed: int = 0
+    # strength of the per-channel offset noise added to the guidance noise
+    noise_offset: float = 0.1
+    # interval t - s after warm-up
+    delta_t: int = 80
+    # interval t - s at iteration 0
+    delta_t_start: int = 100
+    # anneal the timestep bound and delta over warmup_iter
+    annealing_intervals: bool = True
+    # classifier-free guidance scale at x_t
+    guidance_scale: float = 7.5
+    # guidance scale of the inversion (1: no CFG)
+    denoise_guidance_scale: float = 1.0
+    # multiplier of the ISM/SDS gradient
+    lambda_guidance: float = 0.1
+    # DDIM inversion stride x0 -> x_s
+    xs_delta_t: int = 200
+    # maximum number of inversion strides x0 -> x_s
+    xs_inv_steps: int = 5
+    # DDIM eta of the inversion (0: deterministic)
+    xs_eta: float = 0.0
+    # views per iteration
+    C_batch_size: int = 4
+    # save training-process images every this many iterations (0: never)
+    vis_interval: int = 100
+
+
+@dataclass
+class GenerateCamParams:
+    # initial 3D model: sphere | pointe | file (a .ply point cloud or a mesh .obj/.glb/.ply in init_path)
+    init_shape: str = "sphere"
+    # file of init_shape=file
+    init_path: Optional[str] = None
+    # text of the Point-E initialisation
+    init_prompt: str = ""
+    # number of initial points
+    init_num_pts: int = 100_000
+    # camera distance range at iteration 0
+    radius_range: List[float] = field(default_factory=lambda: [5.2, 5.5])
+    # camera distance floors after relaxation
+    max_radius_range: List[float] = field(default_factory=lambda: [3.5, 5.0])
+    # camera distance of test views and videos
+    default_radius: float = 3.5
+    # polar angle range in degrees (0 = top, 90 = horizon)
+    theta_range: List[float] = field(default_factory=lambda: [45, 105])
+    # polar range cap after relaxation
+    max_theta_range: List[float] = field(default_factory=lambda: [45, 105])
+    # azimuth range in degrees (0 = front)
+    phi_range: List[float] = field(default_factory=lambda: [-180, 180])
+    # azimuth range cap after relaxation
+    max_phi_range: List[float] = field(default_factory=lambda: [-180, 180])
+    # vertical field of view range in RADIANS
+    fovy_range: List[float] = field(default_factory=lambda: [0.32, 0.60])
+    # field of view bounds after relaxation (radians)
+    max_fovy_range: List[float] = field(default_factory=lambda: [0.16, 0.60])
+    # exponent of the radius sampling (1: uniform)
+    rand_cam_gamma: float = 1.0
+    # render width in pixels
+    image_w: int = 512
+    # render height in pixels
+    image_h: int = 512
+    # polar angle of test views and videos (degrees)
+    default_polar: float = 90
+    # azimuth of the first test view (degrees)
+    default_azimuth: float = 0
+    # field of view of test views and videos (radians)
+    default_fovy: float = 0.55
+    # jitter camera centre, target and up vector
+    jitter_pose: bool = True
+    # std of the camera-centre jitter
+    jitter_center: float = 0.05
+    # std of the look-at-target jitter
+    jitter_target: float = 0.05
+    # std of the up-vector jitter
+    jitter_up: float = 0.01
+
+
+@dataclass
+class PTDParams:
+    # off (stock LucidDreamer) | weighted (paper Eq. 8) | checkpoints (paper Eq. 7)
+    mode: str = "off"
+    # T of Alg. 2: the path LoRA weight reaches 0 at this iteration
+    total_steps: int = 1000
+    # C of Alg. 2, the "LoRA load strategy": w(iter) = 1 - ((iter - 1) / T)^C
+    power: float = 0.3
+    # LoRA rank (paper App. E: 4)
+    lora_rank: int = 4
+    # LoRA alpha (scale = alpha / rank)
+    lora_alpha: float = 4.0
+    # LoRA learning rate (paper App. E: 1e-4)
+    lora_lr: float = 0.0001
+    # epochs of the path LoRA over the rendered views (paper: 200)
+    path_epochs: int = 200
+    # epochs of the prior-finetune LoRA over an image folder (paper: 400)
+    prior_epochs: int = 400
+    # views rendered from the initial 3D model to fit the path LoRA
+    num_views: int = 40
+    # LoRA training batch size
+    lora_batch_size: int = 4
+    # save a path checkpoint every this many LoRA steps (Eq. 7 path s^(0..n))
+    checkpoint_interval: int = 100
+    # checkpoints mode: switch to the previous checkpoint every this many iterations
+    switch_interval: int = 200
+    # path LoRA folder (default: <output_root>/<workspace>/path_lora)
+    path_lora: Optional[str] = None
+
+
+@dataclass
+class Config:
+    # seed of every random generator of the run
+    seed: int = 0
+    # write 360-degree videos
+    save_video: bool = True
+    ModelParams: ModelParams = field(default_factory=ModelParams)
+    PipelineParams: PipelineParams = field(default_factory=PipelineParams)
+    OptimizationParams: OptimizationParams = field(default_factory=OptimizationParams)
+    GuidanceParams: GuidanceParams = field(default_factory=GuidanceParams)
+    GenerateCamParams: GenerateCamParams = field(default_factory=GenerateCamParams)
+    PTDParams: PTDParams = field(default_factory=PTDParams)
+
+
+# Stock LucidDreamer keys this project deliberately does not use: they load with a one-line warning so that
+# LucidDreamer's own configs load unchanged.
+STOCK_UNUSED = {
+    "": {"port"},
+    "ModelParams": {"source_path", "model_path", "pretrained_model_path", "images", "resolution", "data_device",
+                    "eval", "opt_path"},
+    "PipelineParams": {"convert_SHs_python", "compute_cov3D_python"},
+    "OptimizationParams": {"position_lr_max_steps", "geo_iter", "resnet_lr", "resnet_lr_init", "resnet_lr_final",
+                           "lambda_bin", "lambda_sat", "lambda_radius", "use_control_net_iter", "use_progressive",
+                           "save_process", "pro_frames_num", "pro_render_45", "progressive_view_iter",
+                           "progressive_view_init_ratio"},
+    "GuidanceParams": {"guidance", "g_device", "is_safe_tensor", "base_model_key", "controlnet_model_key", "vram_O",
+                       "hf_key", "scheduler_type", "num_train_timesteps", "fix_noise", "ddim_inv",
+                       "textual_inversion_path", "LoRA_path", "controlnet_ratio"},
+    "GenerateCamParams": {"use_pointe_rgb", "angle_overhead", "angle_front", "render_45", "uniform_sphere_rate",
+                          "SSAA", "device"},
+    "PTDParams": set(),
+}

@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests never touch a model hub: HF_HUB_OFFLINE is forced before anything imports huggingface."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    """Folder of the tiny epsilon-prediction StableDiffusionPipeline (built once, cached)."""
+    from guidance.tiny import tiny_model_path
+    return tiny_model_path("epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_v_path():
+    """Folder of the tiny v-prediction StableDiffusionPipeline."""
+    from guidance.tiny import tiny_model_path
+    return tiny_model_path("v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_path):
+    """The tiny pipeline loaded through the production loading call (read-only: do not mutate)."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

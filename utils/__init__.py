@@ -1,0 +1,1 @@
+"""Small shared helpers: seeding, atomic writes, losses, image and video output."""

@@ -1,0 +1,30 @@
+"""PNG and mp4 output (imageio + imageio-ffmpeg), written atomically."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+
+from utils.general import atomic_path
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[C, H, W] in [0, 1] -> [H, W, C] uint8 (grey images become 3 channels)."""
+    image = image.detach().float().clamp(0, 1)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        imageio.imwrite(tmp, to_uint8(image), format="png")
+
+
+def write_video(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: int = 30) -> None:
+    """Write uint8 [H, W, 3] frames as an mp4 (H.264 via imageio-ffmpeg)."""
+    with atomic_path(path, suffix=".mp4") as tmp:
+        imageio.mimwrite(tmp, list(frames), fps=fps, quality=8, macro_block_size=1, format="FFMPEG")
