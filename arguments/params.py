@@ -249,6 +249,8 @@ class Config:
     seed: int = 0
     # write 360-degree videos
     save_video: bool = True
+    # torch device: auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
+    device: str = "auto"
     ModelParams: ModelParams = field(default_factory=ModelParams)
     PipelineParams: PipelineParams = field(default_factory=PipelineParams)
     OptimizationParams: OptimizationParams = field(default_factory=OptimizationParams)
