@@ -25,8 +25,6 @@ class ModelParams:
     sh_deg_aug_ratio: float = 0.1
     # probability of swapping the background of a training view for a random colour
     bg_aug_ratio: float = 0.5
-    # probability of perturbing SH coefficients (stock: unused, 0)
-    shs_aug_ratio: float = 0.0
     # probability of the render-time scale noise (s + N(0,1) sqrt(0.2) s / 4)
     scale_aug_ratio: float = 1.0
 
@@ -35,8 +33,6 @@ class ModelParams:
 class PipelineParams:
     # rasterizer: auto (inria, else gsplat, else torch, by what imports and where the tensors live) | torch | gsplat | inria
     backend: str = "auto"
-    # extra checks (finite renders, gradient norms) at a small cost
-    debug: bool = False
 
 
 @dataclass
@@ -47,8 +43,6 @@ class OptimizationParams:
     position_lr_init: float = 0.00016
     # position lr at the last iteration (log-linear in between)
     position_lr_final: float = 0.0000016
-    # lr warm-up multiplier of the position schedule (3DGS delay_mult)
-    position_lr_delay_mult: float = 0.01
     # SH DC lr at iteration 0 (SH rest uses 1/20 of it)
     feature_lr: float = 0.0050
     # SH DC lr at the last iteration
@@ -63,8 +57,8 @@ class OptimizationParams:
     rotation_lr: float = 0.001
     # quaternion lr at the last iteration
     rotation_lr_final: float = 0.0002
-    # lr of the trained background colour
-    background_lr: float = 0.001
+    # lr of the trained background colour (stock: feature_lr, constant)
+    background_lr: float = 0.005
     # probability of encoding the normalised disparity instead of RGB (geometry supervision)
     as_latent_ratio: float = 0.2
     # Gaussians larger than percent_dense * scene extent are split, smaller ones cloned
@@ -143,7 +137,7 @@ class GuidanceParams:
     delta_t: int = 80
     # interval t - s at iteration 0
     delta_t_start: int = 100
-    # anneal the timestep bound and delta over warmup_iter
+    # anneal the interval delta over warmup_iter (the timestep upper bound always anneals, as stock)
     annealing_intervals: bool = True
     # classifier-free guidance scale at x_t
     guidance_scale: float = 7.5
@@ -159,8 +153,6 @@ class GuidanceParams:
     xs_eta: float = 0.0
     # views per iteration
     C_batch_size: int = 4
-    # save training-process images every this many iterations (0: never)
-    vis_interval: int = 100
 
 
 @dataclass
@@ -263,16 +255,17 @@ class Config:
 # LucidDreamer's own configs load unchanged.
 STOCK_UNUSED = {
     "": {"port"},
-    "ModelParams": {"source_path", "model_path", "pretrained_model_path", "images", "resolution", "data_device",
+    "ModelParams": {"shs_aug_ratio", "source_path", "model_path", "pretrained_model_path", "images", "resolution", "data_device",
                     "eval", "opt_path"},
-    "PipelineParams": {"convert_SHs_python", "compute_cov3D_python"},
-    "OptimizationParams": {"position_lr_max_steps", "geo_iter", "resnet_lr", "resnet_lr_init", "resnet_lr_final",
+    "PipelineParams": {"convert_SHs_python", "compute_cov3D_python", "debug"},
+    # position_lr_delay_mult: stock passes it with zero delay steps, where it has no effect
+    "OptimizationParams": {"position_lr_max_steps", "position_lr_delay_mult", "geo_iter", "resnet_lr", "resnet_lr_init", "resnet_lr_final",
                            "lambda_bin", "lambda_sat", "lambda_radius", "use_control_net_iter", "use_progressive",
                            "save_process", "pro_frames_num", "pro_render_45", "progressive_view_iter",
                            "progressive_view_init_ratio"},
     "GuidanceParams": {"guidance", "g_device", "is_safe_tensor", "base_model_key", "controlnet_model_key", "vram_O",
                        "hf_key", "scheduler_type", "num_train_timesteps", "fix_noise", "ddim_inv",
-                       "textual_inversion_path", "LoRA_path", "controlnet_ratio"},
+                       "textual_inversion_path", "LoRA_path", "controlnet_ratio", "vis_interval"},
     "GenerateCamParams": {"use_pointe_rgb", "angle_overhead", "angle_front", "render_45", "uniform_sphere_rate",
                           "SSAA", "device"},
     "PTDParams": set(),
