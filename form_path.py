@@ -1,0 +1,203 @@
+"""Stage 1 of Path-Tracing Distillation: form the path (paper §4.2, Eq. 6, Alg. 1).
+
+    python form_path.py --opt configs/x.yaml [Section.key=value ...]
+        initial Gaussians -> <run>/init_points3d.ply; N renders from the training camera distribution, encoded once;
+        a LoRA on the prior fitted to them -> <run>/path_lora/ (+ path_lora/checkpoints/step_K: s^(1..n) of Eq. 7),
+        and a report of the denoising loss of the prior vs the LoRA on those renders (path_lora/denoising_loss.png).
+    python form_path.py --opt configs/x.yaml --images DIR --prompt TEXT [--out FOLDER]
+        the prior-finetune LoRA of paper Fig. 7 on a folder of images (PTDParams.prior_epochs), loadable as
+        GuidanceParams.prior_lora in both stages.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from arguments import Config, parse_cli, run_dir, save_config
+from utils.general import seed_everything, stable_hash, write_json_atomic
+from utils.run_setup import (PATH_ADAPTER, RunError, background, init_key, initial_gaussians, make_guidance,
+                             make_sampler, path_lora_dir, path_metadata, select_device)
+
+# timesteps at which the prior and the path LoRA are compared on the renders
+REPORT_TIMESTEPS = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900)
+
+
+@torch.no_grad()
+def render_views(cfg: Config, gaussians, guidance, device: torch.device):
+    """N views of the initial model from the training camera distribution -> (images [N,3,H,W], azimuths)."""
+    from gaussian_renderer import render
+
+    sampler = make_sampler(cfg, device, seed_offset=1)  # its own stream: stage 2's cameras stay as in vanilla
+    bg = background(cfg, device)
+    views = sampler.next_views(cfg.PTDParams.num_views)
+    images = torch.stack([render(v, gaussians, bg, backend=cfg.PipelineParams.backend)["render"] for v in views])
+    return images.clamp(0, 1), [v.delta_azimuth for v in views]
+
+
+@torch.no_grad()
+def encode_all(guidance, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """Encode once (the latents are cached for all epochs)."""
+    return torch.cat([guidance.encode_images(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+def fit_and_save(cfg: Config, guidance, latents, embeddings, out_dir: Path, epochs: int, metadata: dict) -> dict:
+    """Fit the path LoRA (Eq. 6) with checkpoints every K steps, then save it with its metadata."""
+    from guidance.lora_training import add_path_lora, fit_lora, save_lora
+
+    p = cfg.PTDParams
+    unet = guidance.unet
+    add_path_lora(unet, rank=p.lora_rank, alpha=p.lora_alpha, adapter_name=PATH_ADAPTER)
+    ckpt_dir = out_dir.parent / f".{out_dir.name}.checkpoints_tmp"
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    def on_checkpoint(step: int, state: dict) -> None:
+        save_lora(ckpt_dir / f"step_{step:06d}", unet, PATH_ADAPTER, {**metadata, "step": step}, state_dict=state)
+
+    result = fit_lora(unet, guidance.pipe.scheduler, latents, embeddings, epochs=epochs,
+                      batch_size=p.lora_batch_size, lr=p.lora_lr, checkpoint_interval=p.checkpoint_interval,
+                      generator=torch.Generator(device=latents.device).manual_seed(cfg.seed),
+                      on_checkpoint=on_checkpoint, adapter_name=PATH_ADAPTER)
+    meta = {**metadata, "steps": result["step"], "epochs": epochs, "losses": result["losses"]}
+    save_lora(out_dir, unet, PATH_ADAPTER, meta)
+    if ckpt_dir.is_dir():
+        shutil.move(str(ckpt_dir), str(out_dir / "checkpoints"))
+    return meta
+
+
+def loss_report(guidance, latents, embeddings, seed: int) -> dict:
+    """Denoising loss (Eq. 6) of the prior (LoRA weight 0) and of the path LoRA (weight 1) on the same x_t."""
+    from guidance.lora_training import denoising_loss
+    from guidance.ptd_utils import lora_scale
+
+    report = {"timesteps": list(REPORT_TIMESTEPS)}
+    for name, weight in (("prior", 0.0), ("path_lora", 1.0)):
+        with lora_scale(guidance.unet, weight, PATH_ADAPTER):
+            gen = torch.Generator(device=latents.device).manual_seed(seed)
+            report[name] = denoising_loss(guidance.unet, guidance.pipe.scheduler, latents, embeddings,
+                                          timesteps=list(REPORT_TIMESTEPS), generator=gen).tolist()
+    report["prior_mean"] = sum(report["prior"]) / len(REPORT_TIMESTEPS)
+    report["path_lora_mean"] = sum(report["path_lora"]) / len(REPORT_TIMESTEPS)
+    return report
+
+
+def plot_report(report: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.general import atomic_path
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(report["timesteps"], report["prior"], "o-", label=f"prior (mean {report['prior_mean']:.4f})")
+    ax.plot(report["timesteps"], report["path_lora"], "o-", label=f"path LoRA (mean {report['path_lora_mean']:.4f})")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("denoising loss (Eq. 6)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def print_report(report: dict) -> None:
+    print("denoising loss on the renders (Eq. 6), prior vs path LoRA:")
+    print(f"{'t':>5} {'prior':>10} {'path LoRA':>10}")
+    for t, a, b in zip(report["timesteps"], report["prior"], report["path_lora"]):
+        print(f"{t:>5} {a:>10.5f} {b:>10.5f}")
+    print(f"{'mean':>5} {report['prior_mean']:>10.5f} {report['path_lora_mean']:>10.5f}")
+
+
+def form_path(cfg: Config, overwrite: bool = False) -> Path:
+    """Stage 1 on the renders of the initial 3D model; returns the path LoRA folder."""
+    out_dir = path_lora_dir(cfg)
+    if out_dir.exists() and not overwrite:
+        raise RunError(f"path LoRA {out_dir} exists; pass --overwrite to form it again")
+    device = select_device(cfg)
+    seed_everything(cfg.seed)
+    gaussians = initial_gaussians(cfg, device)
+    guidance = make_guidance(cfg, device)
+    images, azimuths = render_views(cfg, gaussians, guidance, device)
+    latents = encode_all(guidance, images)
+    embeddings = guidance.view_embeddings(azimuths)
+    print(f"stage 1: {len(azimuths)} renders -> latents {list(latents.shape)}; fitting the path LoRA "
+          f"({cfg.PTDParams.path_epochs} epochs)")
+    metadata = {**path_metadata(cfg), "init_key": init_key(cfg), "num_views": len(azimuths), "kind": "path"}
+    meta = fit_and_save(cfg, guidance, latents, embeddings, out_dir, cfg.PTDParams.path_epochs, metadata)
+    report = loss_report(guidance, latents, embeddings, cfg.seed)
+    write_json_atomic(out_dir / "denoising_loss.json", report)
+    plot_report(report, out_dir / "denoising_loss.png", f"{cfg.GuidanceParams.text[:60]} ({meta['steps']} steps)")
+    print_report(report)
+    return out_dir
+
+
+def load_image_folder(folder: Path, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """All images of a folder, resized to (H, W) -> [N, 3, H, W] in [0, 1]."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise RunError(f"image folder '{folder}' does not exist; pass --images DIR with .png/.jpg files")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise RunError(f"image folder '{folder}' holds no .png/.jpg/.webp images")
+    images = []
+    for path in files:
+        try:
+            img = Image.open(path).convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+        except (UnidentifiedImageError, OSError):
+            raise RunError(f"image '{path}' is not a readable image; remove or replace it") from None
+        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0)
+    return torch.stack(images).to(device)
+
+
+def prior_finetune(cfg: Config, images_dir: Path, prompt: str, out_dir: Path, overwrite: bool = False) -> Path:
+    """The prior-finetune LoRA (paper Fig. 7): Eq. 6 on a folder of images with one prompt."""
+    if not prompt.strip():
+        raise RunError("--prompt is empty; give the text that describes the images")
+    if out_dir.exists() and not overwrite:
+        raise RunError(f"prior LoRA {out_dir} exists; pass --overwrite to fit it again")
+    device = select_device(cfg)
+    seed_everything(cfg.seed)
+    c = cfg.GenerateCamParams
+    images = load_image_folder(images_dir, (c.image_h, c.image_w), device)
+    guidance = make_guidance(cfg, device)
+    latents = encode_all(guidance, images)
+    embeddings = guidance.text_embeddings(prompt).expand(latents.shape[0], -1, -1).contiguous()
+    metadata = {"prompt": prompt, "base_model": cfg.GuidanceParams.model_key, "kind": "prior",
+                "images": str(images_dir), "num_images": int(latents.shape[0]),
+                "images_hash": stable_hash(sorted(p.name for p in images_dir.iterdir()))}
+    fit_and_save(cfg, guidance, latents, embeddings, out_dir, cfg.PTDParams.prior_epochs, metadata)
+    print(f"prior-finetune LoRA saved to {out_dir}; use it with GuidanceParams.prior_lora={out_dir}")
+    return out_dir
+
+
+def main(cfg: Config, *, overwrite: bool = False, images: str | None = None, prompt: str | None = None,
+         out: str | None = None) -> Path:
+    if images is not None:
+        out_dir = Path(out) if out else run_dir(cfg) / "prior_lora"
+        return prior_finetune(cfg, Path(images), prompt or cfg.GuidanceParams.text, out_dir, overwrite)
+    save_config(cfg, run_dir(cfg) / "config_form_path.yaml")
+    return form_path(cfg, overwrite)
+
+
+def cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="PTD stage 1: form the path (fit the path LoRA on renders)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing path LoRA")
+    parser.add_argument("--images", default=None, help="fit the prior-finetune LoRA on this image folder instead")
+    parser.add_argument("--prompt", default=None, help="prompt of the --images folder (default GuidanceParams.text)")
+    parser.add_argument("--out", default=None, help="output folder of the --images LoRA (default <run>/prior_lora)")
+    cfg, args = parse_cli(argv, parser)
+    try:
+        main(cfg, overwrite=args.overwrite, images=args.images, prompt=args.prompt, out=args.out)
+    except (RunError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

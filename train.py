@@ -1,0 +1,306 @@
+"""Stage 2 of Path-Tracing Distillation: trace the path (paper §4.3, Eq. 8, Alg. 2).
+
+    python train.py --opt configs/x.yaml [Section.key=value ...] [--resume | --overwrite]
+
+Stock LucidDreamer's loop (4 views per iteration, ISM, TV losses on image and disparity, scale loss on the noised
+scales, densification, lr schedules, camera relaxation, SH degree-up). PTD touches one thing: before each iteration's
+UNet calls, the path LoRA formed by form_path.py is set to weight w(iter) (`PTDParams.mode: weighted`, Eq. 8) or to
+the next stage-1 checkpoint (`checkpoints`, Eq. 7). With `mode: off` no LoRA is loaded: stock LucidDreamer, same seed.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from arguments import Config, parse_cli, run_dir, save_config
+from utils.general import rng_state, seed_everything, set_rng_state
+from utils.loss_utils import scale_loss, tv_loss
+from utils.run_setup import (PATH_ADAPTER, RunError, background, check_path_metadata, initial_gaussians,
+                             make_guidance, make_sampler, path_lora_dir, scene_extent, select_device)
+
+# prune Gaussians whose opacity falls below this (stock)
+MIN_OPACITY = 0.005
+# screen-size pruning threshold in pixels, active after the first opacity reset (stock)
+MAX_SCREEN_SIZE = 20
+# SH degree goes up every this many iterations (stock)
+SH_UP_INTERVAL = 500
+CHECKPOINT_DIR = "checkpoints"
+STAGE2_OUTPUTS = ("point_cloud", "videos", "test_six_views", CHECKPOINT_DIR)
+
+
+def make_tracer(cfg: Config, guidance):
+    """Load the path LoRA of stage 1 into the prior and return the PathTracer (None when PTD is off)."""
+    p = cfg.PTDParams
+    if p.mode == "off":
+        return None
+    from guidance.lora_training import load_lora, read_lora_metadata, read_lora_state_dict
+    from guidance.ptd_utils import PathTracer
+
+    folder = path_lora_dir(cfg)
+    check_path_metadata(read_lora_metadata(folder), cfg, folder)
+    with torch.random.fork_rng(devices=[]):  # adapter creation draws random init weights: keep the global stream
+        load_lora(guidance.pipe, folder, PATH_ADAPTER)
+    checkpoints = []
+    if p.mode == "checkpoints":
+        steps = sorted((folder / "checkpoints").glob("step_*"))
+        if not steps:
+            raise RunError(f"PTDParams.mode=checkpoints needs {folder}/checkpoints/step_*; rerun form_path.py")
+        checkpoints = [read_lora_state_dict(s) for s in steps]
+    return PathTracer(p.mode, total_steps=p.total_steps, power=p.power, adapter_name=PATH_ADAPTER,
+                      checkpoints=checkpoints, switch_interval=p.switch_interval)
+
+
+def render_batch(cfg: Config, views, gaussians, bg: torch.Tensor, gen: torch.Generator) -> dict:
+    """Render the iteration's views with LucidDreamer's training augmentations (background swap, SH-degree drop,
+    scale noise), all drawn from `gen`. Returns stacked images/disparities/scales and the per-view packages."""
+    from gaussian_renderer import disparity, render
+
+    m = cfg.ModelParams
+    images, disps, scales, pkgs = [], [], [], []
+    for view in views:
+        u = torch.rand(3, generator=gen)
+        view_bg = torch.rand(3, generator=gen).to(bg) if u[0] < m.bg_aug_ratio else bg
+        sh_degree = 0 if u[1] < m.sh_deg_aug_ratio else None
+        pkg = render(view, gaussians, view_bg, backend=cfg.PipelineParams.backend, sh_degree=sh_degree,
+                     scale_noise=bool(u[2] < m.scale_aug_ratio), generator=gen)
+        images.append(pkg["render"])
+        disps.append(disparity(pkg["depth"], pkg["alpha"], view.focal_normalized))
+        scales.append(pkg["scales"])
+        pkgs.append(pkg)
+    return {"images": torch.stack(images), "disparity": torch.stack(disps), "scales": torch.stack(scales),
+            "pkgs": pkgs}
+
+
+def densify(cfg: Config, iteration: int, gaussians, pkgs, gen: torch.Generator) -> None:
+    """Densification statistics and the densify/prune/opacity-reset schedule of stock LucidDreamer."""
+    o = cfg.OptimizationParams
+    if iteration >= o.densify_until_iter:
+        return
+    with torch.no_grad():
+        for pkg in (pkgs if o.densify_stats == "all" else pkgs[-1:]):  # stock: the last view of the batch only
+            grad = pkg["viewspace_points"].grad
+            if grad is not None:
+                gaussians.add_densification_stats(grad, pkg["visibility_filter"], pkg["radii"])
+        if iteration > o.densify_from_iter and iteration % o.densification_interval == 0:
+            size = MAX_SCREEN_SIZE if iteration > o.opacity_reset_interval else None
+            # stock zeroes the screen radii when it appends clones, so its >20 px prune never fires: keep that
+            gaussians.densify_and_prune(o.densify_grad_threshold, MIN_OPACITY, scene_extent(cfg), size, gen,
+                                        screen_prune=False)
+        if iteration % o.opacity_reset_interval == 0:
+            gaussians.reset_opacity()
+
+
+def train_step(cfg: Config, iteration: int, state: dict) -> dict:
+    """One stock iteration (+ the PTD weight). Returns scalars to log."""
+    o, g = cfg.OptimizationParams, cfg.GuidanceParams
+    gaussians, guidance, gen = state["gaussians"], state["guidance"], state["gen"]
+    gaussians.update_learning_rate(iteration)
+    if iteration % SH_UP_INTERVAL == 0:
+        gaussians.oneup_sh_degree()
+    state["sampler"].relax(iteration, o)
+    views = state["sampler"].next_views(g.C_batch_size)
+    weight = state["tracer"].apply(guidance.unet, iteration) if state["tracer"] is not None else None
+    batch = render_batch(cfg, views, gaussians, state["bg"], gen)
+    as_latent = bool(torch.rand((), generator=gen) < o.as_latent_ratio)
+    inputs = batch["disparity"].repeat(1, 3, 1, 1) if as_latent else batch["images"]
+    out = guidance.train_step(inputs, [v.delta_azimuth for v in views], iteration)
+    loss_tv = tv_loss(batch["images"]) + tv_loss(batch["disparity"])
+    loss_scale = scale_loss(batch["scales"])
+    loss = out["loss"] + o.lambda_tv * loss_tv + o.lambda_scale * loss_scale
+    loss.backward()
+    densify(cfg, iteration, gaussians, batch["pkgs"], gen)
+    if iteration < o.iterations:  # stock applies no optimiser step at the last iteration
+        gaussians.optimizer.step()
+    gaussians.optimizer.zero_grad(set_to_none=True)
+    logs = {"loss/ism_mse": float(out["mse"]), "loss/tv": float(loss_tv), "loss/scale": float(loss_scale),
+            "guidance/t_index": out["t_index"], "guidance/s_index": out["s_index"],
+            "guidance/as_latent": float(as_latent), "scene/total_points": gaussians.num_points}
+    if weight is not None:
+        logs["ptd/weight"] = weight
+    return logs
+
+
+def test_iterations(cfg: Config) -> set[int]:
+    o = cfg.OptimizationParams
+    its = {1, o.iterations}
+    if o.test_interval > 0:
+        its.update(range(o.test_interval, o.iterations + 1, o.test_interval))
+    return its
+
+
+@torch.no_grad()
+def save_test_views(cfg: Config, gaussians, iteration: int, device: torch.device) -> None:
+    """Six test views (default radius, fov, polar; azimuths 60 degrees apart) and their normalised depth."""
+    from gaussian_renderer import render
+    from scene import orbit_camera
+    from utils.image_io import save_png
+
+    c = cfg.GenerateCamParams
+    folder = run_dir(cfg) / "test_six_views" / f"{iteration}_iteration"
+    bg = background(cfg, device)
+    for k in range(6):
+        cam = orbit_camera(c.default_radius, c.default_polar, c.default_azimuth + 60 * k - 180, c.default_fovy,
+                           c.image_w, c.image_h, device=device)
+        pkg = render(cam, gaussians, bg, backend=cfg.PipelineParams.backend)
+        save_png(pkg["render"], folder / f"render_view_{k}.png")
+        save_png(pkg["depth"] / pkg["depth"].max().clamp(min=1e-8), folder / f"render_depth_{k}.png")
+
+
+@torch.no_grad()
+def save_video(cfg: Config, gaussians, iteration: int, device: torch.device) -> Path:
+    """360-degree RGB and depth videos around the default orbit."""
+    from gaussian_renderer import render
+    from scene import video_cameras
+    from utils.image_io import to_uint8, write_video
+
+    folder = run_dir(cfg) / "videos" / f"{iteration}_iteration"
+    bg = background(cfg, device)
+    rgb, depth = [], []
+    for cam in video_cameras(cfg.GenerateCamParams, cfg.OptimizationParams.video_frames, device=device):
+        pkg = render(cam, gaussians, bg, backend=cfg.PipelineParams.backend)
+        rgb.append(to_uint8(pkg["render"]))
+        depth.append(to_uint8(pkg["depth"] / pkg["depth"].max().clamp(min=1e-8)))
+    fps = cfg.OptimizationParams.video_fps
+    write_video(rgb, folder / f"video_rgb_{iteration}.mp4", fps)
+    write_video(depth, folder / f"video_depth_{iteration}.mp4", fps)
+    return folder / f"video_rgb_{iteration}.mp4"
+
+
+def save_point_cloud(cfg: Config, gaussians, iteration: int) -> Path:
+    path = run_dir(cfg) / "point_cloud" / f"iteration_{iteration}" / "point_cloud.ply"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gaussians.save_ply(str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def capture(state: dict, iteration: int) -> dict:
+    """Everything an exact resume needs, by name."""
+    return {"format": "ptd-train-v1", "iteration": iteration, "gaussians": state["gaussians"].capture(),
+            "sampler": state["sampler"].state_dict(), "guidance": state["guidance"].state_dict(),
+            "aug_generator": state["gen"].get_state(), "rng": rng_state(),
+            "tracer": state["tracer"].state_dict() if state["tracer"] is not None else None}
+
+
+def save_checkpoint(cfg: Config, state: dict, iteration: int, keep: int = 2) -> Path:
+    from utils.general import atomic_path
+
+    folder = run_dir(cfg) / CHECKPOINT_DIR
+    path = folder / f"iteration_{iteration:06d}.pt"
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(capture(state, iteration), tmp)
+    for old in sorted(folder.glob("iteration_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def restore(cfg: Config, state: dict) -> int:
+    """Load the newest checkpoint into `state`; returns the iteration it was taken after."""
+    ckpts = sorted((run_dir(cfg) / CHECKPOINT_DIR).glob("iteration_*.pt"))
+    if not ckpts:
+        raise RunError(f"--resume: no checkpoint in {run_dir(cfg) / CHECKPOINT_DIR}; start without --resume")
+    ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    state["gaussians"].restore(ckpt["gaussians"], cfg.OptimizationParams)
+    state["sampler"].load_state_dict(ckpt["sampler"])
+    state["guidance"].load_state_dict(ckpt["guidance"])
+    state["gen"].set_state(ckpt["aug_generator"])
+    if state["tracer"] is not None:
+        state["tracer"].load_state_dict(ckpt["tracer"])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["iteration"])
+
+
+def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Never overwrite a finished or partial stage-2 run silently."""
+    import shutil
+
+    folder = run_dir(cfg)
+    existing = [folder / name for name in STAGE2_OUTPUTS if (folder / name).exists()]
+    if existing and not (resume or overwrite):
+        raise RunError(f"run folder {folder} already holds a stage-2 run; pass --resume to continue it or "
+                       f"--overwrite to start again")
+    if overwrite and not resume:
+        for path in existing:
+            shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def setup(cfg: Config, device: torch.device) -> dict:
+    gaussians = initial_gaussians(cfg, device, create=cfg.PTDParams.mode == "off")
+    gaussians.training_setup(cfg.OptimizationParams)
+    guidance = make_guidance(cfg, device)
+    tracer = make_tracer(cfg, guidance)
+    seed_everything(cfg.seed)  # the loop's global stream starts alike in both arms, whatever the setup drew
+    return {"gaussians": gaussians, "guidance": guidance, "tracer": tracer, "sampler": make_sampler(cfg, device),
+            "gen": torch.Generator().manual_seed(cfg.seed), "bg": background(cfg, device)}
+
+
+def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run stage 2; returns the final PLY path."""
+    o = cfg.OptimizationParams
+    device = select_device(cfg)
+    check_run_folder(cfg, resume, overwrite)
+    save_config(cfg, run_dir(cfg) / "config.yaml")
+    state = setup(cfg, device)
+    start = restore(cfg, state) + 1 if resume else 1
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir(cfg)))
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    tests, saves = test_iterations(cfg), set(o.save_iterations) | {o.iterations}
+    bar = tqdm(range(start, o.iterations + 1), desc="stage 2 (PTD " + cfg.PTDParams.mode + ")", initial=start - 1,
+               total=o.iterations)
+    try:
+        for iteration in bar:
+            tic = time.perf_counter()
+            logs = train_step(cfg, iteration, state)
+            logs["iter_time"] = time.perf_counter() - tic
+            for key, value in logs.items():
+                writer.add_scalar(key, value, iteration)
+            bar.set_postfix(points=logs["scene/total_points"], t=logs["guidance/t_index"],
+                            w=f"{logs.get('ptd/weight', 0.0):.3f}")
+            with torch.no_grad():
+                if iteration in tests:
+                    save_test_views(cfg, state["gaussians"], iteration, device)
+                if iteration in saves:
+                    save_point_cloud(cfg, state["gaussians"], iteration)
+                    if cfg.save_video:
+                        save_video(cfg, state["gaussians"], iteration, device)
+            if (o.checkpoint_interval > 0 and iteration % o.checkpoint_interval == 0) or interrupted:
+                save_checkpoint(cfg, state, iteration)
+            if interrupted:
+                print(f"\ninterrupted after iteration {iteration}; resume with: python train.py --opt "
+                      f"{run_dir(cfg) / 'config.yaml'} --resume", file=sys.stderr)
+                raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        writer.close()
+        bar.close()
+    return run_dir(cfg) / "point_cloud" / f"iteration_{o.iterations}" / "point_cloud.ply"
+
+
+def cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="PTD stage 2: trace the path (LucidDreamer ISM + path LoRA)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing stage-2 run in the folder")
+    cfg, args = parse_cli(argv, parser)
+    try:
+        ply = main(cfg, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        return 130
+    except (RunError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"done: {ply}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

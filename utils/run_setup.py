@@ -1,0 +1,109 @@
+"""What form_path.py and train.py share: device choice, the initial Gaussians (one per config, never stale), the
+guidance prior, the camera sampler and the stage-1 path folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from arguments import Config, run_dir
+from utils.general import file_hash, stable_hash, write_json_atomic
+
+INIT_PLY = "init_points3d.ply"
+INIT_KEY = "init_points3d.json"
+PATH_ADAPTER = "ptd_path"
+
+
+class RunError(ValueError):
+    """A run cannot start (missing or mismatched inputs); the message is one line with the fix."""
+
+
+def select_device(cfg: Config) -> torch.device:
+    """`device: auto` is CUDA when available, else the CPU; an explicit CUDA device without CUDA is an error."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # gpu-only
+        raise RunError(f"device '{cfg.device}' asked for but CUDA is not available; set device=cpu or device=auto")
+    return device
+
+
+def scene_extent(cfg: Config) -> float:
+    """LucidDreamer's spatial scale: the default camera radius (3.5), for lr scaling and densification."""
+    return float(cfg.GenerateCamParams.default_radius)
+
+
+def init_key(cfg: Config) -> dict:
+    """Everything the initial Gaussians depend on: a cached init is reused only when all of it matches."""
+    c = cfg.GenerateCamParams
+    key = {"init_shape": c.init_shape, "init_num_pts": c.init_num_pts, "sh_degree": cfg.ModelParams.sh_degree,
+           "seed": cfg.seed, "extent": scene_extent(cfg)}
+    if c.init_shape == "file":
+        key.update(init_path=str(c.init_path), init_file_hash=file_hash(c.init_path) if c.init_path and
+                   Path(c.init_path).is_file() else None)
+    if c.init_shape == "pointe":
+        key["init_prompt"] = c.init_prompt
+    return key
+
+
+def initial_gaussians(cfg: Config, device: torch.device, *, create: bool = True):
+    """The run's initial Gaussians: loaded from <run>/init_points3d.ply when its key file matches this config, else
+    built (seeded) and saved. Stock LucidDreamer reused any old init_points3d.ply (a stale-cache bug)."""
+    from scene import GaussianModel, initial_point_cloud
+
+    folder = run_dir(cfg)
+    ply, key_file = folder / INIT_PLY, folder / INIT_KEY
+    key = init_key(cfg)
+    gaussians = GaussianModel(cfg.ModelParams.sh_degree, device=device)
+    if ply.is_file() and key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:
+        gaussians.load_ply(str(ply), sh_degree=cfg.ModelParams.sh_degree)
+        gaussians.active_sh_degree = 0
+        gaussians.spatial_lr_scale = scene_extent(cfg)
+        return gaussians
+    if not create:
+        raise RunError(f"{ply} is missing or was made for another config; run form_path.py --opt CONFIG first")
+    cloud = initial_point_cloud(cfg.GenerateCamParams, np.random.default_rng(cfg.seed), device=device)
+    gaussians.create_from_pcd(cloud.points, cloud.colors, spatial_lr_scale=scene_extent(cfg))
+    folder.mkdir(parents=True, exist_ok=True)
+    gaussians.save_ply(str(ply))
+    write_json_atomic(key_file, {"key": key, "hash": stable_hash(key), "ply_hash": file_hash(ply)})
+    return gaussians
+
+
+def make_guidance(cfg: Config, device: torch.device):
+    from guidance.sd_utils import StableDiffusionGuidance
+
+    return StableDiffusionGuidance(cfg.GuidanceParams, device, warmup_iter=cfg.OptimizationParams.warmup_iter)
+
+
+def make_sampler(cfg: Config, device: torch.device, seed_offset: int = 0):
+    """LucidDreamer's training camera sampler on its own seeded generator (stage 1 uses another stream)."""
+    from scene import OrbitCameraSampler
+
+    return OrbitCameraSampler(cfg.GenerateCamParams, np.random.default_rng(cfg.seed + seed_offset),
+                              batch=cfg.ModelParams.batch, device=device)
+
+
+def background(cfg: Config, device: torch.device) -> torch.Tensor:
+    value = 1.0 if cfg.ModelParams.white_background else 0.0
+    return torch.full((3,), value, device=device)
+
+
+def path_lora_dir(cfg: Config) -> Path:
+    return Path(cfg.PTDParams.path_lora) if cfg.PTDParams.path_lora else run_dir(cfg) / "path_lora"
+
+
+def path_metadata(cfg: Config) -> dict:
+    """What a path LoRA is made for: stage 2 refuses a path formed for another prompt, prior or initial model."""
+    return {"prompt": cfg.GuidanceParams.text, "base_model": cfg.GuidanceParams.model_key,
+            "prior_lora": cfg.GuidanceParams.prior_lora, "init_key_hash": stable_hash(init_key(cfg))}
+
+
+def check_path_metadata(info: dict, cfg: Config, folder: Path) -> None:
+    expected = path_metadata(cfg)
+    for key, want in expected.items():
+        if info.get(key) != want:
+            raise RunError(f"path LoRA {folder} was formed for {key}={info.get(key)!r}, this run has {want!r}; "
+                           f"rerun form_path.py with this config or set PTDParams.path_lora")
