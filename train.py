@@ -118,7 +118,7 @@ def train_step(cfg: Config, iteration: int, state: dict) -> dict:
     if iteration < o.iterations:  # stock applies no optimiser step at the last iteration
         gaussians.optimizer.step()
     gaussians.optimizer.zero_grad(set_to_none=True)
-    logs = {"loss/ism_mse": float(out["mse"]), "loss/tv": float(loss_tv), "loss/scale": float(loss_scale),
+    logs = {"loss/ism_mse": out["mse"].item(), "loss/tv": loss_tv.item(), "loss/scale": loss_scale.item(),
             "guidance/t_index": out["t_index"], "guidance/s_index": out["s_index"],
             "guidance/as_latent": float(as_latent), "scene/total_points": gaussians.num_points}
     if weight is not None:

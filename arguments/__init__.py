@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import tempfile
 import typing
@@ -27,6 +28,25 @@ __all__ = ["Config", "ConfigError", "GenerateCamParams", "GuidanceParams", "Mode
 
 # the YAML sections, in file order
 GROUPS = ["ModelParams", "PipelineParams", "OptimizationParams", "GuidanceParams", "GenerateCamParams", "PTDParams"]
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false. PyYAML's 1.1 rules would read `mode: off` as False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+# exponent floats without a dot (1e-4): YAML 1.2 floats, strings under PyYAML's 1.1 rules
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                    list("-+.0123456789"))
+
+
+def yaml_load(text: str):
+    """Parse YAML text with YAML 1.2 booleans and exponent floats."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ConfigError(ValueError):
@@ -106,7 +126,7 @@ def apply_override(cfg: Config, override: str) -> None:
         raise ConfigError(f"override '{override}': expected Section.key=value, e.g. GuidanceParams.guidance_scale=5")
     dotted, raw = override.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     parts = dotted.split(".")
@@ -129,7 +149,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file '{path}' not found; pass an existing YAML with --opt")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             line = getattr(getattr(err, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""

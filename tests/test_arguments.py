@@ -137,3 +137,17 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
         assert out.returncode == 2
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "did you mean" in lines[0], out.stderr
+
+
+def test_yaml12_scalars_off_is_a_string_and_1e4_a_number(tmp_path):
+    path = write(tmp_path, """
+        PTDParams:
+          mode: off
+          lora_lr: 1e-4
+        ModelParams:
+          white_background: false
+        """)
+    cfg = load_config(path, ["GuidanceParams.lambda_guidance=5e-2"])
+    assert cfg.PTDParams.mode == "off" and cfg.PTDParams.lora_lr == 1e-4
+    assert cfg.ModelParams.white_background is False and cfg.GuidanceParams.lambda_guidance == 0.05
+    assert load_config(None, ["PTDParams.mode=off"]).PTDParams.mode == "off"

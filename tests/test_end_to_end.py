@@ -1,0 +1,131 @@
+"""End to end on the tiny model: form_path.py + train.py (vanilla, weighted, checkpoints), exact A/B identity,
+determinism, resume."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import form_path
+import train
+from arguments import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+TINY_RUN = ["GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32", "GenerateCamParams.init_num_pts=300",
+            "OptimizationParams.iterations=8", "OptimizationParams.warmup_iter=4",
+            "OptimizationParams.densify_from_iter=2", "OptimizationParams.densify_until_iter=7",
+            "OptimizationParams.densification_interval=3", "OptimizationParams.opacity_reset_interval=6",
+            "OptimizationParams.scale_up_cameras_iter=4", "OptimizationParams.save_iterations=[4]",
+            "OptimizationParams.test_interval=0", "OptimizationParams.video_frames=4",
+            "OptimizationParams.checkpoint_interval=3", "PTDParams.total_steps=6", "PTDParams.num_views=6",
+            "PTDParams.path_epochs=2", "PTDParams.checkpoint_interval=1", "PTDParams.switch_interval=2",
+            "GuidanceParams.C_batch_size=2"]
+
+pytestmark = pytest.mark.slow
+
+
+def cfg_for(tmp_path, *overrides, workspace="run"):
+    return load_config(SMOKE, [*TINY_RUN, f"ModelParams.output_root={tmp_path}",
+                               f"ModelParams.workspace={workspace}", *overrides])
+
+
+def final_ply(cfg) -> bytes:
+    it = cfg.OptimizationParams.iterations
+    return (Path(cfg.ModelParams.output_root) / cfg.ModelParams.workspace / "point_cloud" / f"iteration_{it}" /
+            "point_cloud.ply").read_bytes()
+
+
+def test_vanilla_train_writes_stock_outputs(tmp_path):
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off")
+    ply = train.main(cfg)
+    run = tmp_path / "run"
+    assert ply.is_file() and (run / "point_cloud" / "iteration_4" / "point_cloud.ply").is_file()
+    assert (run / "videos" / "8_iteration" / "video_rgb_8.mp4").stat().st_size > 0
+    assert sorted(p.name for p in (run / "test_six_views" / "8_iteration").glob("render_view_*.png")) == \
+        [f"render_view_{k}.png" for k in range(6)]
+    assert list(run.glob("events.out.tfevents.*")) and (run / "config.yaml").is_file()
+    assert load_config(run / "config.yaml") == cfg  # the saved config loads back
+    assert not (run / "path_lora").exists()  # vanilla touches no LoRA
+
+
+def test_form_path_then_weighted_and_checkpoints(tmp_path):
+    import json
+
+    cfg = cfg_for(tmp_path, "PTDParams.mode=weighted")
+    folder = form_path.main(cfg)
+    meta = json.loads((folder / "ptd_path.json").read_text())
+    assert meta["prompt"] == cfg.GuidanceParams.text and meta["base_model"] == "tiny"
+    assert len(list((folder / "checkpoints").glob("step_*"))) == meta["steps"]  # checkpoint_interval 1
+    assert (folder / "denoising_loss.png").is_file() and (tmp_path / "run" / "init_points3d.ply").is_file()
+    train.main(cfg)
+    cfg_ck = cfg_for(tmp_path, "PTDParams.mode=checkpoints")
+    train.main(cfg_ck, overwrite=True)
+    assert final_ply(cfg_ck)
+
+
+def test_path_made_for_another_prompt_is_refused(tmp_path):
+    form_path.main(cfg_for(tmp_path, "PTDParams.mode=weighted"))
+    cfg = cfg_for(tmp_path, "PTDParams.mode=weighted", "GuidanceParams.text=a different prompt")
+    with pytest.raises(ValueError, match="formed for prompt"):
+        train.main(cfg)
+    assert not (tmp_path / "run" / "point_cloud").exists()
+
+
+def test_weight_zero_is_bit_identical_to_vanilla(tmp_path, monkeypatch):
+    from guidance.ptd_utils import PathTracer
+
+    form_path.main(cfg_for(tmp_path, "PTDParams.mode=weighted", workspace="ptd"))
+    monkeypatch.setattr(PathTracer, "weight_at", lambda self, step: 0.0)
+    ptd = cfg_for(tmp_path, "PTDParams.mode=weighted", workspace="ptd")
+    train.main(ptd)
+    vanilla = cfg_for(tmp_path, "PTDParams.mode=off", workspace="vanilla")
+    train.main(vanilla)
+    assert final_ply(ptd) == final_ply(vanilla)
+
+
+def test_weight_one_changes_the_run(tmp_path):
+    form_path.main(cfg_for(tmp_path, "PTDParams.mode=weighted", "PTDParams.lora_lr=0.01", workspace="ptd"))
+    ptd = cfg_for(tmp_path, "PTDParams.mode=weighted", "PTDParams.lora_lr=0.01", workspace="ptd")
+    train.main(ptd)
+    vanilla = cfg_for(tmp_path, "PTDParams.mode=off", workspace="vanilla")
+    train.main(vanilla)
+    assert final_ply(ptd) != final_ply(vanilla)
+
+
+def test_same_seed_same_bytes_and_exact_resume(tmp_path):
+    a = cfg_for(tmp_path, "PTDParams.mode=off", workspace="a")
+    train.main(a)
+    b = cfg_for(tmp_path, "PTDParams.mode=off", workspace="b")
+    train.main(b)
+    assert final_ply(a) == final_ply(b)
+    # interrupted after the checkpoint of iteration 6, then resumed
+    c = cfg_for(tmp_path, "PTDParams.mode=off", workspace="c")
+    c.OptimizationParams.iterations = 8
+    original = train.train_step
+
+    def crash_at_7(cfg, iteration, state):
+        if iteration == 7:
+            raise RuntimeError("simulated crash")
+        return original(cfg, iteration, state)
+    train.train_step = crash_at_7
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.main(c)
+    finally:
+        train.train_step = original
+    assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").glob("*.pt")) == \
+        ["iteration_000003.pt", "iteration_000006.pt"]
+    train.main(c, resume=True)
+    assert final_ply(c) == final_ply(a)
+
+
+def test_existing_run_is_not_overwritten_without_flag(tmp_path):
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off")
+    train.main(cfg)
+    before = final_ply(cfg)
+    out = subprocess.run([sys.executable, "train.py", "--opt", str(SMOKE), *TINY_RUN,
+                          f"ModelParams.output_root={tmp_path}", "ModelParams.workspace=run", "PTDParams.mode=off"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and "--resume" in out.stderr and "--overwrite" in out.stderr
+    assert final_ply(cfg) == before
