@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from arguments import Config, parse_cli, run_dir, save_config
+from gaussian_renderer import BackendUnavailableError
 from utils.general import seed_everything, stable_hash, write_json_atomic
 from utils.run_setup import (PATH_ADAPTER, RunError, background, init_key, initial_gaussians, make_guidance,
-                             make_sampler, path_lora_dir, path_metadata, select_device)
+                             make_sampler, path_lora_dir, path_metadata, select_device, validate)
 
 # timesteps at which the prior and the path LoRA are compared on the renders
 REPORT_TIMESTEPS = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900)
@@ -117,6 +118,7 @@ def form_path(cfg: Config, overwrite: bool = False) -> Path:
     if out_dir.exists() and not overwrite:
         raise RunError(f"path LoRA {out_dir} exists; pass --overwrite to form it again")
     device = select_device(cfg)
+    validate(cfg, device)
     seed_everything(cfg.seed)
     gaussians = initial_gaussians(cfg, device)
     guidance = make_guidance(cfg, device)
@@ -161,6 +163,7 @@ def prior_finetune(cfg: Config, images_dir: Path, prompt: str, out_dir: Path, ov
     if out_dir.exists() and not overwrite:
         raise RunError(f"prior LoRA {out_dir} exists; pass --overwrite to fit it again")
     device = select_device(cfg)
+    validate(cfg, device)
     seed_everything(cfg.seed)
     c = cfg.GenerateCamParams
     images = load_image_folder(images_dir, (c.image_h, c.image_w), device)
@@ -180,8 +183,9 @@ def main(cfg: Config, *, overwrite: bool = False, images: str | None = None, pro
     if images is not None:
         out_dir = Path(out) if out else run_dir(cfg) / "prior_lora"
         return prior_finetune(cfg, Path(images), prompt or cfg.GuidanceParams.text, out_dir, overwrite)
+    out_dir = form_path(cfg, overwrite)
     save_config(cfg, run_dir(cfg) / "config_form_path.yaml")
-    return form_path(cfg, overwrite)
+    return out_dir
 
 
 def cli(argv=None) -> int:
@@ -193,7 +197,7 @@ def cli(argv=None) -> int:
     cfg, args = parse_cli(argv, parser)
     try:
         main(cfg, overwrite=args.overwrite, images=args.images, prompt=args.prompt, out=args.out)
-    except (RunError, ValueError) as err:
+    except (RunError, ValueError, BackendUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

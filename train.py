@@ -19,10 +19,11 @@ import torch
 from tqdm import tqdm
 
 from arguments import Config, parse_cli, run_dir, save_config
+from gaussian_renderer import BackendUnavailableError
 from utils.general import rng_state, seed_everything, set_rng_state
 from utils.loss_utils import scale_loss, tv_loss
 from utils.run_setup import (PATH_ADAPTER, RunError, background, check_path_metadata, initial_gaussians,
-                             make_guidance, make_sampler, path_lora_dir, scene_extent, select_device)
+                             make_guidance, make_sampler, path_lora_dir, scene_extent, select_device, validate)
 
 # prune Gaussians whose opacity falls below this (stock)
 MIN_OPACITY = 0.005
@@ -245,6 +246,10 @@ def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run stage 2; returns the final PLY path."""
     o = cfg.OptimizationParams
     device = select_device(cfg)
+    validate(cfg, device)
+    if cfg.PTDParams.mode != "off":
+        from guidance.lora_training import read_lora_metadata
+        check_path_metadata(read_lora_metadata(path_lora_dir(cfg)), cfg, path_lora_dir(cfg))
     check_run_folder(cfg, resume, overwrite)
     save_config(cfg, run_dir(cfg) / "config.yaml")
     state = setup(cfg, device)
@@ -295,7 +300,7 @@ def cli(argv=None) -> int:
         ply = main(cfg, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         return 130
-    except (RunError, ValueError) as err:
+    except (RunError, ValueError, BackendUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"done: {ply}")

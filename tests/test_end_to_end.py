@@ -129,3 +129,37 @@ def test_existing_run_is_not_overwritten_without_flag(tmp_path):
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and "--resume" in out.stderr and "--overwrite" in out.stderr
     assert final_ply(cfg) == before
+
+
+def test_form_path_lowers_the_denoising_loss_on_the_renders(tmp_path):
+    import json
+
+    # the smoke config's stage 1 (64 px, 16 views, 100 LoRA steps)
+    cfg = cfg_for(tmp_path, "PTDParams.mode=weighted", "GenerateCamParams.image_w=64", "GenerateCamParams.image_h=64",
+                  "PTDParams.num_views=16", "PTDParams.path_epochs=25", "PTDParams.checkpoint_interval=0")
+    folder = form_path.main(cfg)
+    report = json.loads((folder / "denoising_loss.json").read_text())
+    assert report["path_lora_mean"] < report["prior_mean"]
+    assert all(b < a for a, b in zip(report["prior"], report["path_lora"]))  # at each of the 10 timesteps
+
+
+def test_prior_finetune_lora_on_images_then_used_as_prior(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{k}.png")
+    cfg = cfg_for(tmp_path, "PTDParams.prior_epochs=2", "PTDParams.mode=off")
+    out = form_path.main(cfg, images=str(images), prompt="a photo of sks toy", out=str(tmp_path / "prior_lora"))
+    meta = json.loads((out / "ptd_path.json").read_text())
+    assert meta["kind"] == "prior" and meta["num_images"] == 3 and meta["steps"] == 2
+    used = cfg_for(tmp_path, f"GuidanceParams.prior_lora={out}", "PTDParams.mode=off", workspace="with_prior")
+    train.main(used)
+    plain = cfg_for(tmp_path, "PTDParams.mode=off", workspace="plain")
+    train.main(plain)
+    assert final_ply(used) != final_ply(plain)

@@ -107,3 +107,42 @@ def check_path_metadata(info: dict, cfg: Config, folder: Path) -> None:
         if info.get(key) != want:
             raise RunError(f"path LoRA {folder} was formed for {key}={info.get(key)!r}, this run has {want!r}; "
                            f"rerun form_path.py with this config or set PTDParams.path_lora")
+
+
+PTD_MODES = ("off", "weighted", "checkpoints")
+
+
+def validate(cfg: Config, device: torch.device) -> None:
+    """Every check that needs no heavy work, run before anything is written (one-line errors with the fix)."""
+    from gaussian_renderer import resolve_backend
+    from guidance.sd_utils import check_guidance_params, resolve_model_key
+
+    check_guidance_params(cfg.GuidanceParams)
+    if cfg.PTDParams.mode not in PTD_MODES:
+        raise RunError(f"PTDParams.mode '{cfg.PTDParams.mode}' is not one of {', '.join(PTD_MODES)}")
+    if cfg.OptimizationParams.densify_stats not in ("last", "all"):
+        raise RunError(f"OptimizationParams.densify_stats '{cfg.OptimizationParams.densify_stats}' is not "
+                       f"'last' (stock) or 'all'")
+    c = cfg.GenerateCamParams
+    if c.init_shape == "file" and not (c.init_path and Path(c.init_path).is_file()):
+        raise RunError(f"GenerateCamParams.init_path '{c.init_path}' is not a file; give a .ply/.obj/.glb file "
+                       f"for init_shape=file")
+    prior_lora = cfg.GuidanceParams.prior_lora
+    if prior_lora and not Path(prior_lora).is_dir():
+        raise RunError(f"GuidanceParams.prior_lora '{prior_lora}' is not a folder; give the folder written by "
+                       f"form_path.py --images")
+    resolve_backend(cfg.PipelineParams.backend, device)
+    resolve_model_key(cfg.GuidanceParams.model_key)
+    check_writable(run_dir(cfg))
+
+
+def check_writable(folder: Path) -> None:
+    """The run folder exists writable or can be created (checked without creating anything)."""
+    import os
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"output folder '{folder}' cannot be written ('{existing}' is not a writable folder); set "
+                       f"ModelParams.output_root to a writable folder")

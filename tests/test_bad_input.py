@@ -1,0 +1,54 @@
+"""Bad input to the entry scripts: one line naming the thing and the fix, a non-zero exit, nothing written."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def run(script, tmp_path, *overrides, extra=()):
+    out = subprocess.run([sys.executable, script, "--opt", str(SMOKE), f"ModelParams.output_root={tmp_path / 'out'}",
+                          *overrides, *extra], cwd=ROOT, capture_output=True, text=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    return out.returncode, lines
+
+
+@pytest.mark.parametrize("script", ["train.py", "form_path.py"])
+@pytest.mark.parametrize("override, expected", [
+    ("GuidanceParams.text=", "GuidanceParams.text is empty"),
+    ("GuidanceParams.model_key=nobody/no-such-model", "not a local folder, 'tiny', nor in the Hugging Face cache"),
+    ("GuidanceParams.guidance_scale=lots", "expected a number"),
+    ("GuidanceParams.guidance_scal=5", "did you mean 'guidance_scale'"),
+    ("PipelineParams.backend=vulkan", "unknown render backend 'vulkan'"),
+    ("PipelineParams.backend=gsplat", "needs the Gaussians on a CUDA device"),
+    ("PTDParams.mode=sometimes", "PTDParams.mode 'sometimes'"),
+    ("GenerateCamParams.init_shape=file", "GenerateCamParams.init_path 'None' is not a file"),
+    ("GuidanceParams.prior_lora=/no/such/lora", "prior_lora '/no/such/lora' is not a folder"),
+])
+def test_one_line_error_nonzero_exit_nothing_written(tmp_path, script, override, expected):
+    code, lines = run(script, tmp_path, override)
+    assert code != 0
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_path_lora_missing_for_ptd_run(tmp_path):
+    code, lines = run("train.py", tmp_path, "PTDParams.mode=weighted")
+    assert code == 1 and len(lines) == 1 and "run form_path.py first" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_not_writable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, lines = run("train.py", tmp_path, f"ModelParams.output_root={blocker / 'sub'}", "PTDParams.mode=off")
+    assert code == 1 and len(lines) == 1 and "cannot be written" in lines[0], lines
+
+
+def test_prior_finetune_without_images(tmp_path):
+    code, lines = run("form_path.py", tmp_path, extra=["--images", str(tmp_path / "none"), "--prompt", "a cat"])
+    assert code == 1 and len(lines) == 1 and "image folder" in lines[0], lines
