@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -18,10 +19,9 @@ from pathlib import Path
 import torch
 
 from arguments import Config, parse_cli, run_dir, save_config
-from gaussian_renderer import BackendUnavailableError
-from utils.general import seed_everything, stable_hash, write_json_atomic
+from utils.general import atomic_path, seed_everything, stable_hash, write_json_atomic
 from utils.run_setup import (PATH_ADAPTER, RunError, background, init_key, initial_gaussians, make_guidance,
-                             make_sampler, path_lora_dir, path_metadata, select_device, validate)
+                             make_sampler, path_lora_dir, path_metadata, select_device, validate, run_entry)
 
 # timesteps at which the prior and the path LoRA are compared on the renders
 REPORT_TIMESTEPS = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900)
@@ -45,27 +45,54 @@ def encode_all(guidance, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
     return torch.cat([guidance.encode_images(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
 
 
-def fit_and_save(cfg: Config, guidance, latents, embeddings, out_dir: Path, epochs: int, metadata: dict) -> dict:
-    """Fit the path LoRA (Eq. 6) with checkpoints every K steps, then save it with its metadata."""
-    from guidance.lora_training import add_path_lora, fit_lora, save_lora
+def fit_and_save(cfg: Config, guidance, latents, embeddings, out_dir: Path, epochs: int, metadata: dict,
+                 resume: bool = False) -> dict:
+    """Fit the path LoRA (Eq. 6) with checkpoints every K steps, then save it with its metadata.
+
+    The fit runs in chunks of K steps; after each chunk its full state (LoRA weights, AdamW, generator, batch order)
+    is written atomically beside the output, so `--resume` continues exactly where a killed run stopped."""
+    from guidance.lora_training import add_path_lora, fit_lora, lora_state_dict, save_lora
+    from guidance.ptd_utils import load_adapter_weights
 
     p = cfg.PTDParams
     unet = guidance.unet
     add_path_lora(unet, rank=p.lora_rank, alpha=p.lora_alpha, adapter_name=PATH_ADAPTER)
     ckpt_dir = out_dir.parent / f".{out_dir.name}.checkpoints_tmp"
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    state_path = out_dir.parent / f".{out_dir.name}.resume.pt"
+    key = stable_hash({"metadata": metadata, "epochs": epochs, "ptd": vars(p), "latents": list(latents.shape)})
+    fit_state, losses = None, []
+    if resume and state_path.is_file():
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        if saved["key"] != key:
+            raise RunError(f"--resume: {state_path} belongs to another stage-1 config; rerun without --resume")
+        load_adapter_weights(unet, saved["lora"], PATH_ADAPTER)
+        fit_state, losses = saved["fit"], saved["losses"]
+        print(f"stage 1: resuming the LoRA fit at step {fit_state['step']}")
+    else:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     def on_checkpoint(step: int, state: dict) -> None:
         save_lora(ckpt_dir / f"step_{step:06d}", unet, PATH_ADAPTER, {**metadata, "step": step}, state_dict=state)
 
-    result = fit_lora(unet, guidance.pipe.scheduler, latents, embeddings, epochs=epochs,
-                      batch_size=p.lora_batch_size, lr=p.lora_lr, checkpoint_interval=p.checkpoint_interval,
-                      generator=torch.Generator(device=latents.device).manual_seed(cfg.seed),
-                      on_checkpoint=on_checkpoint, adapter_name=PATH_ADAPTER)
-    meta = {**metadata, "steps": result["step"], "epochs": epochs, "losses": result["losses"]}
+    total = epochs * math.ceil(latents.shape[0] / p.lora_batch_size)
+    chunk = p.checkpoint_interval if p.checkpoint_interval > 0 else total
+    generator = torch.Generator(device=latents.device).manual_seed(cfg.seed)
+    step = fit_state["step"] if fit_state else 0
+    while step < total:
+        result = fit_lora(unet, guidance.pipe.scheduler, latents, embeddings, epochs=epochs,
+                          batch_size=p.lora_batch_size, lr=p.lora_lr, checkpoint_interval=p.checkpoint_interval,
+                          generator=generator, on_checkpoint=on_checkpoint, adapter_name=PATH_ADAPTER,
+                          max_steps=min(total, (step // chunk + 1) * chunk), resume=fit_state)
+        fit_state, step = result["state"], result["step"]
+        losses += result["losses"]
+        with atomic_path(state_path, suffix=".pt") as tmp:
+            torch.save({"key": key, "lora": lora_state_dict(unet, PATH_ADAPTER), "fit": fit_state,
+                        "losses": losses}, tmp)
+    meta = {**metadata, "steps": step, "epochs": epochs, "losses": losses}
     save_lora(out_dir, unet, PATH_ADAPTER, meta)
     if ckpt_dir.is_dir():
         shutil.move(str(ckpt_dir), str(out_dir / "checkpoints"))
+    state_path.unlink(missing_ok=True)
     return meta
 
 
@@ -112,7 +139,7 @@ def print_report(report: dict) -> None:
     print(f"{'mean':>5} {report['prior_mean']:>10.5f} {report['path_lora_mean']:>10.5f}")
 
 
-def form_path(cfg: Config, overwrite: bool = False) -> Path:
+def form_path(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     """Stage 1 on the renders of the initial 3D model; returns the path LoRA folder."""
     out_dir = path_lora_dir(cfg)
     if out_dir.exists() and not overwrite:
@@ -128,7 +155,7 @@ def form_path(cfg: Config, overwrite: bool = False) -> Path:
     print(f"stage 1: {len(azimuths)} renders -> latents {list(latents.shape)}; fitting the path LoRA "
           f"({cfg.PTDParams.path_epochs} epochs)")
     metadata = {**path_metadata(cfg), "init_key": init_key(cfg), "num_views": len(azimuths), "kind": "path"}
-    meta = fit_and_save(cfg, guidance, latents, embeddings, out_dir, cfg.PTDParams.path_epochs, metadata)
+    meta = fit_and_save(cfg, guidance, latents, embeddings, out_dir, cfg.PTDParams.path_epochs, metadata, resume)
     report = loss_report(guidance, latents, embeddings, cfg.seed)
     write_json_atomic(out_dir / "denoising_loss.json", report)
     plot_report(report, out_dir / "denoising_loss.png", f"{cfg.GuidanceParams.text[:60]} ({meta['steps']} steps)")
@@ -179,11 +206,11 @@ def prior_finetune(cfg: Config, images_dir: Path, prompt: str, out_dir: Path, ov
 
 
 def main(cfg: Config, *, overwrite: bool = False, images: str | None = None, prompt: str | None = None,
-         out: str | None = None) -> Path:
+         out: str | None = None, resume: bool = False) -> Path:
     if images is not None:
         out_dir = Path(out) if out else run_dir(cfg) / "prior_lora"
         return prior_finetune(cfg, Path(images), prompt or cfg.GuidanceParams.text, out_dir, overwrite)
-    out_dir = form_path(cfg, overwrite)
+    out_dir = form_path(cfg, overwrite, resume)
     save_config(cfg, run_dir(cfg) / "config_form_path.yaml")
     return out_dir
 
@@ -191,16 +218,13 @@ def main(cfg: Config, *, overwrite: bool = False, images: str | None = None, pro
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(description="PTD stage 1: form the path (fit the path LoRA on renders)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing path LoRA")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted LoRA fit")
     parser.add_argument("--images", default=None, help="fit the prior-finetune LoRA on this image folder instead")
     parser.add_argument("--prompt", default=None, help="prompt of the --images folder (default GuidanceParams.text)")
     parser.add_argument("--out", default=None, help="output folder of the --images LoRA (default <run>/prior_lora)")
     cfg, args = parse_cli(argv, parser)
-    try:
-        main(cfg, overwrite=args.overwrite, images=args.images, prompt=args.prompt, out=args.out)
-    except (RunError, ValueError, BackendUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_entry(main, cfg, overwrite=args.overwrite, images=args.images, prompt=args.prompt, out=args.out,
+                     resume=args.resume)
 
 
 if __name__ == "__main__":

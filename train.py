@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from arguments import Config, parse_cli, run_dir, save_config
-from gaussian_renderer import BackendUnavailableError
+from arguments import Config, load_config, parse_cli, run_dir, save_config
 from utils.general import rng_state, seed_everything, set_rng_state
 from utils.loss_utils import scale_loss, tv_loss
+from utils.training_metrics import TrainingMonitor
 from utils.run_setup import (PATH_ADAPTER, RunError, background, check_path_metadata, initial_gaussians,
-                             make_guidance, make_sampler, path_lora_dir, scene_extent, select_device, validate)
+                             make_guidance, make_sampler, path_lora_dir, scene_extent, select_device, validate,
+                             run_entry)
 
 # prune Gaussians whose opacity falls below this (stock)
 MIN_OPACITY = 0.005
@@ -97,6 +98,14 @@ def densify(cfg: Config, iteration: int, gaussians, pkgs, gen: torch.Generator) 
             gaussians.reset_opacity()
 
 
+def is_finite_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    """True when the loss and every gradient the optimiser would apply are finite."""
+    if not torch.isfinite(loss).all():
+        return False
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def train_step(cfg: Config, iteration: int, state: dict) -> dict:
     """One stock iteration (+ the PTD weight). Returns scalars to log."""
     o, g = cfg.OptimizationParams, cfg.GuidanceParams
@@ -115,13 +124,16 @@ def train_step(cfg: Config, iteration: int, state: dict) -> dict:
     loss_scale = scale_loss(batch["scales"])
     loss = out["loss"] + o.lambda_tv * loss_tv + o.lambda_scale * loss_scale
     loss.backward()
-    densify(cfg, iteration, gaussians, batch["pkgs"], gen)
-    if iteration < o.iterations:  # stock applies no optimiser step at the last iteration
-        gaussians.optimizer.step()
+    finite = is_finite_step(loss, gaussians.optimizer)
+    if finite:  # NaN guard: a non-finite loss or gradient skips the whole update (densification included)
+        densify(cfg, iteration, gaussians, batch["pkgs"], gen)
+        if iteration < o.iterations:  # stock applies no optimiser step at the last iteration
+            gaussians.optimizer.step()
     gaussians.optimizer.zero_grad(set_to_none=True)
     logs = {"loss/ism_mse": out["mse"].item(), "loss/tv": loss_tv.item(), "loss/scale": loss_scale.item(),
             "guidance/t_index": out["t_index"], "guidance/s_index": out["s_index"],
-            "guidance/as_latent": float(as_latent), "scene/total_points": gaussians.num_points}
+            "guidance/as_latent": float(as_latent), "scene/total_points": gaussians.num_points,
+            "nonfinite/skipped": float(not finite)}
     if weight is not None:
         logs["ptd/weight"] = weight
     return logs
@@ -186,6 +198,7 @@ def capture(state: dict, iteration: int) -> dict:
     return {"format": "ptd-train-v1", "iteration": iteration, "gaussians": state["gaussians"].capture(),
             "sampler": state["sampler"].state_dict(), "guidance": state["guidance"].state_dict(),
             "aug_generator": state["gen"].get_state(), "rng": rng_state(),
+            "nonfinite_streak": state["nonfinite_streak"],
             "tracer": state["tracer"].state_dict() if state["tracer"] is not None else None}
 
 
@@ -206,7 +219,11 @@ def restore(cfg: Config, state: dict) -> int:
     ckpts = sorted((run_dir(cfg) / CHECKPOINT_DIR).glob("iteration_*.pt"))
     if not ckpts:
         raise RunError(f"--resume: no checkpoint in {run_dir(cfg) / CHECKPOINT_DIR}; start without --resume")
-    ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise RunError(f"checkpoint {ckpts[-1]} is unreadable (truncated?); delete it to resume from the one "
+                       f"before") from None
     state["gaussians"].restore(ckpt["gaussians"], cfg.OptimizationParams)
     state["sampler"].load_state_dict(ckpt["sampler"])
     state["guidance"].load_state_dict(ckpt["guidance"])
@@ -214,6 +231,7 @@ def restore(cfg: Config, state: dict) -> int:
     if state["tracer"] is not None:
         state["tracer"].load_state_dict(ckpt["tracer"])
     set_rng_state(ckpt["rng"])
+    state["nonfinite_streak"] = int(ckpt["nonfinite_streak"])
     return int(ckpt["iteration"])
 
 
@@ -239,56 +257,87 @@ def setup(cfg: Config, device: torch.device) -> dict:
     tracer = make_tracer(cfg, guidance)
     seed_everything(cfg.seed)  # the loop's global stream starts alike in both arms, whatever the setup drew
     return {"gaussians": gaussians, "guidance": guidance, "tracer": tracer, "sampler": make_sampler(cfg, device),
-            "gen": torch.Generator().manual_seed(cfg.seed), "bg": background(cfg, device)}
+            "gen": torch.Generator().manual_seed(cfg.seed), "bg": background(cfg, device),
+            "tests": test_iterations(cfg), "nonfinite_streak": 0}
 
 
-def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run stage 2; returns the final PLY path."""
-    o = cfg.OptimizationParams
-    device = select_device(cfg)
+def prepare_run(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -> None:
+    """Every check before anything of stage 2 is written."""
     validate(cfg, device)
     if cfg.PTDParams.mode != "off":
         from guidance.lora_training import read_lora_metadata
         check_path_metadata(read_lora_metadata(path_lora_dir(cfg)), cfg, path_lora_dir(cfg))
+    saved = run_dir(cfg) / "config.yaml"
+    if resume and saved.is_file() and load_config(saved) != cfg:
+        raise RunError(f"--resume: this config differs from the run's {saved}; resume with --opt {saved} --resume")
     check_run_folder(cfg, resume, overwrite)
-    save_config(cfg, run_dir(cfg) / "config.yaml")
-    state = setup(cfg, device)
-    start = restore(cfg, state) + 1 if resume else 1
-    from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir(cfg)))
-    interrupted = []
+
+def write_outputs(cfg: Config, state: dict, iteration: int, device: torch.device) -> None:
+    """Test views, PLY and videos due at this iteration (each written atomically)."""
+    o = cfg.OptimizationParams
+    with torch.no_grad():
+        if iteration in state["tests"]:
+            save_test_views(cfg, state["gaussians"], iteration, device)
+        if iteration in set(o.save_iterations) | {o.iterations}:
+            save_point_cloud(cfg, state["gaussians"], iteration)
+            if cfg.save_video:
+                save_video(cfg, state["gaussians"], iteration, device)
+
+
+def run_loop(cfg: Config, state: dict, start: int, device: torch.device, writer) -> None:
+    o = cfg.OptimizationParams
+    interrupted: list[bool] = []
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    tests, saves = test_iterations(cfg), set(o.save_iterations) | {o.iterations}
-    bar = tqdm(range(start, o.iterations + 1), desc="stage 2 (PTD " + cfg.PTDParams.mode + ")", initial=start - 1,
+    bar = tqdm(range(start, o.iterations + 1), desc=f"stage 2 (PTD {cfg.PTDParams.mode})", initial=start - 1,
                total=o.iterations)
     try:
         for iteration in bar:
             tic = time.perf_counter()
             logs = train_step(cfg, iteration, state)
             logs["iter_time"] = time.perf_counter() - tic
+            state["nonfinite_streak"] = state["nonfinite_streak"] + 1 if logs["nonfinite/skipped"] else 0
             for key, value in logs.items():
                 writer.add_scalar(key, value, iteration)
             bar.set_postfix(points=logs["scene/total_points"], t=logs["guidance/t_index"],
                             w=f"{logs.get('ptd/weight', 0.0):.3f}")
-            with torch.no_grad():
-                if iteration in tests:
-                    save_test_views(cfg, state["gaussians"], iteration, device)
-                if iteration in saves:
-                    save_point_cloud(cfg, state["gaussians"], iteration)
-                    if cfg.save_video:
-                        save_video(cfg, state["gaussians"], iteration, device)
+            state["monitor"](iteration, state, writer)  # metrics.jsonl: matching loss + CLIP (EvalParams)
+            if state["nonfinite_streak"] >= o.max_nonfinite_steps:
+                raise RunError(f"{state['nonfinite_streak']} iterations in a row had a non-finite loss or gradient "
+                               f"(last: {iteration}) and were skipped; stopping. The last good checkpoint is kept in "
+                               f"{run_dir(cfg) / CHECKPOINT_DIR}: lower the learning rates or lambda_guidance, then "
+                               f"--resume")
+            write_outputs(cfg, state, iteration, device)
             if (o.checkpoint_interval > 0 and iteration % o.checkpoint_interval == 0) or interrupted:
                 save_checkpoint(cfg, state, iteration)
             if interrupted:
-                print(f"\ninterrupted after iteration {iteration}; resume with: python train.py --opt "
-                      f"{run_dir(cfg) / 'config.yaml'} --resume", file=sys.stderr)
+                print(f"\ninterrupted after iteration {iteration} (checkpoint saved); resume with: python train.py "
+                      f"--opt {run_dir(cfg) / 'config.yaml'} --resume", file=sys.stderr)
                 raise KeyboardInterrupt
     finally:
         signal.signal(signal.SIGINT, previous)
-        writer.close()
         bar.close()
-    return run_dir(cfg) / "point_cloud" / f"iteration_{o.iterations}" / "point_cloud.ply"
+
+
+def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run stage 2; returns the final PLY path."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    device = select_device(cfg)
+    prepare_run(cfg, device, resume, overwrite)
+    state = setup(cfg, device)
+    start = restore(cfg, state) + 1 if resume else 1
+    state["monitor"] = TrainingMonitor.create(cfg, state, device, start=start)  # no-op unless metrics_interval > 0
+    save_config(cfg, run_dir(cfg) / "config.yaml")
+    writer = SummaryWriter(str(run_dir(cfg)))
+    try:
+        run_loop(cfg, state, start, device, writer)
+    except OSError as err:  # disk full, quota, removed folder: the last checkpoint is intact (atomic writes)
+        raise RunError(f"could not write into {run_dir(cfg)} ({err.strerror or err}); free space and rerun with "
+                       f"--resume") from None
+    finally:
+        writer.close()
+    return run_dir(cfg) / "point_cloud" / f"iteration_{cfg.OptimizationParams.iterations}" / "point_cloud.ply"
 
 
 def cli(argv=None) -> int:
@@ -296,15 +345,9 @@ def cli(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing stage-2 run in the folder")
     cfg, args = parse_cli(argv, parser)
-    try:
-        ply = main(cfg, resume=args.resume, overwrite=args.overwrite)
-    except KeyboardInterrupt:
-        return 130
-    except (RunError, ValueError, BackendUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"done: {ply}")
-    return 0
+    def run() -> None:
+        print(f"done: {main(cfg, resume=args.resume, overwrite=args.overwrite)}")
+    return run_entry(run)
 
 
 if __name__ == "__main__":

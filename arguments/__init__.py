@@ -19,15 +19,16 @@ from typing import Any, Sequence
 
 import yaml
 
-from arguments.params import (STOCK_UNUSED, Config, GenerateCamParams, GuidanceParams, ModelParams,
+from arguments.params import (STOCK_UNUSED, Config, EvalParams, GenerateCamParams, GuidanceParams, ModelParams,
                               OptimizationParams, PipelineParams, PTDParams)
 
-__all__ = ["Config", "ConfigError", "GenerateCamParams", "GuidanceParams", "ModelParams", "OptimizationParams",
+__all__ = ["Config", "ConfigError", "EvalParams", "GenerateCamParams", "GuidanceParams", "ModelParams", "OptimizationParams",
            "PipelineParams", "PTDParams", "apply_override", "config_from_dict", "config_to_dict", "load_config",
            "parse_cli", "save_config", "run_dir"]
 
 # the YAML sections, in file order
-GROUPS = ["ModelParams", "PipelineParams", "OptimizationParams", "GuidanceParams", "GenerateCamParams", "PTDParams"]
+GROUPS = ["ModelParams", "PipelineParams", "OptimizationParams", "GuidanceParams", "GenerateCamParams", "PTDParams",
+          "EvalParams"]
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -99,6 +99,8 @@ class OptimizationParams:
     video_fps: int = 30
     # write a resumable checkpoint every this many iterations (0: never)
     checkpoint_interval: int = 500
+    # stop after this many iterations in a row with a non-finite loss or gradient (each one is skipped)
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -223,8 +225,8 @@ class PTDParams:
     path_epochs: int = 200
     # epochs of the prior-finetune LoRA over an image folder (paper: 400)
     prior_epochs: int = 400
-    # views rendered from the initial 3D model to fit the path LoRA
-    num_views: int = 40
+    # views rendered from the initial 3D model to fit the path LoRA (8 at batch 4: 200 epochs = the paper's 400 steps)
+    num_views: int = 8
     # LoRA training batch size
     lora_batch_size: int = 4
     # save a path checkpoint every this many LoRA steps (Eq. 7 path s^(0..n))
@@ -233,6 +235,28 @@ class PTDParams:
     switch_interval: int = 200
     # path LoRA folder (default: <output_root>/<workspace>/path_lora)
     path_lora: Optional[str] = None
+
+
+@dataclass
+class EvalParams:
+    # record the matching loss (OOD probe) and a CLIP snapshot every this many stage-2 iterations (0: off)
+    metrics_interval: int = 0
+    # reference images sampled from the prior for the STF score estimate (paper App. G; the paper gives no n)
+    probe_num_refs: int = 32
+    # DDIM steps of that sampling (CFG with GuidanceParams.guidance_scale and .negative)
+    probe_ddim_steps: int = 50
+    # fixed views of the current 3D model (drawn once from the training camera distribution) per matching-loss record
+    probe_num_views: int = 4
+    # timestep indices of the matching loss, each its own bin (default: centres of 10 equal bins, i.e. t ~ U[0, 1000))
+    probe_timesteps: List[int] = field(default_factory=lambda: list(range(50, 1000, 100)))
+    # open_clip model of the CLIP snapshot: e.g. ViT-L-14, "tiny" (offline toy CLIP, random weights) or "none" (off)
+    clip_model: str = "ViT-L-14"
+    # its pretrained tag (e.g. openai) or a local weights file; "none" for random weights
+    clip_pretrained: str = "openai"
+    # azimuths per elevation of the snapshot's evaluation rig (8: the paper's 2 x 8 = 16 views)
+    clip_azimuths: int = 8
+    # square render size of the CLIP snapshot in pixels
+    clip_resolution: int = 512
 
 
 @dataclass
@@ -249,6 +273,7 @@ class Config:
     GuidanceParams: GuidanceParams = field(default_factory=GuidanceParams)
     GenerateCamParams: GenerateCamParams = field(default_factory=GenerateCamParams)
     PTDParams: PTDParams = field(default_factory=PTDParams)
+    EvalParams: EvalParams = field(default_factory=EvalParams)
 
 
 # Stock LucidDreamer keys this project deliberately does not use: they load with a one-line warning so that
@@ -269,4 +294,5 @@ STOCK_UNUSED = {
     "GenerateCamParams": {"use_pointe_rgb", "angle_overhead", "angle_front", "render_45", "uniform_sphere_rate",
                           "SSAA", "device"},
     "PTDParams": set(),
+    "EvalParams": set(),
 }

@@ -131,6 +131,9 @@ def validate(cfg: Config, device: torch.device) -> None:
     if prior_lora and not Path(prior_lora).is_dir():
         raise RunError(f"GuidanceParams.prior_lora '{prior_lora}' is not a folder; give the folder written by "
                        f"form_path.py --images")
+    from utils.training_metrics import check_eval_params
+
+    check_eval_params(cfg)
     resolve_backend(cfg.PipelineParams.backend, device)
     resolve_model_key(cfg.GuidanceParams.model_key)
     check_writable(run_dir(cfg))
@@ -146,3 +149,19 @@ def check_writable(folder: Path) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise RunError(f"output folder '{folder}' cannot be written ('{existing}' is not a writable folder); set "
                        f"ModelParams.output_root to a writable folder")
+
+
+def run_entry(fn, *args, **kwargs) -> int:
+    """Run an entry point for the command line: bad input becomes one line on stderr and exit code 1, Ctrl-C 130."""
+    import sys
+
+    from gaussian_renderer import BackendUnavailableError
+
+    try:
+        fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        return 130
+    except (RunError, ValueError, BackendUnavailableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,165 @@
+"""Reliability: kill -9 / Ctrl-C and resume to the same bytes, NaN guard, disk full, damaged checkpoints."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.test_end_to_end import ROOT, SMOKE, TINY_RUN, cfg_for, final_ply
+
+pytestmark = pytest.mark.slow
+LONGER = ["OptimizationParams.iterations=14", "OptimizationParams.checkpoint_interval=2", "PTDParams.mode=off"]
+
+
+def start_train(tmp_path, workspace, *extra):
+    args = [sys.executable, "train.py", "--opt", str(SMOKE), *TINY_RUN, *LONGER,
+            f"ModelParams.output_root={tmp_path}", f"ModelParams.workspace={workspace}", *extra]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_checkpoint(tmp_path, workspace, proc, timeout=120):
+    folder = tmp_path / workspace / "checkpoints"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before its first checkpoint: {proc.stderr.read()[-2000:]}")
+        if list(folder.glob("iteration_*.pt")):
+            return
+        time.sleep(0.05)
+    pytest.fail("no checkpoint appeared")
+
+
+def reference_ply(tmp_path):
+    """The uninterrupted run, in a subprocess like the victim (same torch thread count: float reductions and so the
+    bytes depend on it)."""
+    proc = start_train(tmp_path, "reference")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    return final_ply(cfg_for(tmp_path, *LONGER, workspace="reference"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, sig):
+    proc = start_train(tmp_path, "victim")
+    wait_for_checkpoint(tmp_path, "victim", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "--resume" in err and "checkpoint saved" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    resumed = start_train(tmp_path, "victim", "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    victim = cfg_for(tmp_path, *LONGER, workspace="victim")
+    assert final_ply(victim) == reference_ply(tmp_path)
+    assert len(list((tmp_path / "victim" / "checkpoints").glob("*.pt"))) == 2  # the last two are kept
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    original = train.render_batch
+    bad = {3, 5}
+
+    def poisoned(cfg, views, gaussians, bg, gen):
+        batch = original(cfg, views, gaussians, bg, gen)
+        if train_iteration[0] in bad:
+            batch["images"] = batch["images"] * float("nan")
+        return batch
+    train_iteration = [0]
+    step = train.train_step
+
+    def counting_step(cfg, iteration, state):
+        train_iteration[0] = iteration
+        logs = step(cfg, iteration, state)
+        skipped.append(logs["nonfinite/skipped"])
+        return logs
+    skipped = []
+    monkeypatch.setattr(train, "render_batch", poisoned)
+    monkeypatch.setattr(train, "train_step", counting_step)
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off", workspace="some_nan")
+    ply = train.main(cfg)
+    assert skipped == [0, 0, 1, 0, 1, 0, 0, 0]
+    assert ply.is_file()
+    bad.update(range(1, 100))
+    skipped.clear()
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off", "OptimizationParams.max_nonfinite_steps=4", workspace="all_nan")
+    with pytest.raises(ValueError, match="4 iterations in a row had a non-finite loss or gradient") as err:
+        train.main(cfg)
+    assert "\n" not in str(err.value) and skipped == [1, 1, 1, 1]
+    assert [p.name for p in (tmp_path / "all_nan" / "checkpoints").glob("*.pt")] == ["iteration_000003.pt"]
+
+
+def test_disk_full_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off", workspace="full")
+    real_save = torch.save
+    calls = []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint hits a full disk half-way
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(ValueError, match="No space left on device.*--resume"):
+        train.main(cfg)
+    folder = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["iteration_000003.pt"]  # no partial file left
+    monkeypatch.setattr(torch, "save", real_save)
+    train.main(cfg, resume=True)
+    assert final_ply(cfg) == final_ply(train_reference(tmp_path))
+
+
+def train_reference(tmp_path):
+    ref = cfg_for(tmp_path, "PTDParams.mode=off", workspace="ref8")
+    train.main(ref)
+    return ref
+
+
+def test_damaged_checkpoint_and_changed_config_on_resume(tmp_path):
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off", workspace="damaged")
+    train.main(cfg)
+    newest = sorted((tmp_path / "damaged" / "checkpoints").glob("*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.raises(ValueError, match="unreadable"):
+        train.main(cfg, resume=True)
+    other = cfg_for(tmp_path, "PTDParams.mode=off", "GuidanceParams.guidance_scale=3", workspace="damaged")
+    with pytest.raises(ValueError, match="differs from the run's"):
+        train.main(other, resume=True)
+
+
+def test_stage1_resumes_to_the_same_lora(tmp_path, monkeypatch):
+    import form_path
+    from guidance import lora_training
+
+    over = ["PTDParams.mode=weighted", "PTDParams.path_epochs=4", "PTDParams.checkpoint_interval=2"]
+    whole = form_path.main(cfg_for(tmp_path, *over, workspace="whole"))
+    real_fit, calls = lora_training.fit_lora, []
+
+    def crash_on_third_chunk(*args, **kwargs):
+        calls.append(kwargs["max_steps"])
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_fit(*args, **kwargs)
+    monkeypatch.setattr(lora_training, "fit_lora", crash_on_third_chunk)
+    cfg = cfg_for(tmp_path, *over, workspace="broken")
+    with pytest.raises(RuntimeError, match="killed"):
+        form_path.main(cfg)
+    assert calls == [2, 4, 6] and not (tmp_path / "broken" / "path_lora").exists()
+    monkeypatch.setattr(lora_training, "fit_lora", real_fit)
+    resumed = form_path.main(cfg, resume=True)
+    from safetensors.torch import load_file
+    for name in ("pytorch_lora_weights.safetensors", "checkpoints/step_000006/pytorch_lora_weights.safetensors"):
+        a, b = load_file(resumed / name), load_file(whole / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [json.loads((folder / "ptd_path.json").read_text())["losses"] for folder in (resumed, whole)]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+    assert not list((tmp_path / "broken").glob(".path_lora.*"))
