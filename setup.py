@@ -7,7 +7,7 @@ setup(
     description="Path-Tracing Distillation for text-to-3D: LucidDreamer (3DGS + ISM) with a path LoRA",
     python_requires=">=3.10",
     packages=find_packages(include=["arguments", "guidance", "scene", "gaussian_renderer", "utils"]),
-    py_modules=["train", "form_path"],
+    py_modules=["train", "form_path", "evaluate", "probe_ood"],
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.32",

@@ -83,3 +83,34 @@ def matching_loss(eps_pred: torch.Tensor, x_t: torch.Tensor, ref_x0: torch.Tenso
         raise ValueError(f"matching_loss space '{space}' is not 'eps' or 'score'")
     norm = diff.reshape(diff.shape[0], -1).norm(dim=1)
     return norm / diff[0].numel() ** 0.5 if normalize else norm
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reporting: per-timestep bins and overall (probe_ood.py, utils/training_metrics.py)
+# ----------------------------------------------------------------------------------------------------------------------
+def mean_std(values: torch.Tensor) -> tuple[float, float]:
+    """(mean, sample std) of a 1-D tensor; std is 0 for a single value."""
+    values = values.double().flatten()
+    std = values.std(correction=1).item() if values.numel() > 1 else 0.0
+    return values.mean().item(), std
+
+
+def aggregate_by_timestep(losses: torch.Tensor, timesteps: list[int]) -> dict:
+    """Summarise matching losses measured on a timestep grid.
+
+    Args:
+        losses: [T, N, K] per-sample matching losses: T timesteps (each its own bin), N images x_0, K noise draws.
+        timesteps: the T timestep indices.
+    Returns:
+        {"by_t": [{"t", "mean", "std", "n"}] (mean +- std over the N*K samples at that t),
+         "overall": {"mean", "std", "n"}} where overall is over the N images of each image's loss averaged over all
+        timesteps and draws: with equal-width bins its mean is the t ~ U estimate of E_{x0, t, eps} (Eq. 5).
+    """
+    if losses.ndim != 3 or losses.shape[0] != len(timesteps):
+        raise ValueError(f"losses must be [T, N, K] with T = {len(timesteps)} timesteps, got {list(losses.shape)}")
+    by_t = []
+    for t, row in zip(timesteps, losses):
+        mean, std = mean_std(row)
+        by_t.append({"t": int(t), "mean": mean, "std": std, "n": int(row.numel())})
+    mean, std = mean_std(losses.double().mean(dim=(0, 2)))
+    return {"by_t": by_t, "overall": {"mean": mean, "std": std, "n": int(losses.shape[1])}}

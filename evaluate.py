@@ -1,0 +1,193 @@
+"""CLIP similarity by the paper's protocol (§6.1, Table 1), and the vanilla-vs-PTD A/B report.
+
+    python evaluate.py RUN_OR_FOLDER [--clip-models NAME:PRETRAINED,...] [--prompts FILE | FILE.json:KEY]
+                       [--out DIR] [--resolution 512] [--device auto] [--backend auto]
+    python evaluate.py --ab VANILLA_RUN PTD_RUN [--out DIR] [--clip-models ...]
+
+Scoring: each run's final PLY (point_cloud/iteration_<max>/point_cloud.ply) rendered from the 16-view rig (radius 4,
+elevations 0 and 45 degrees, azimuths -180..135 in 45-degree steps) over the run's background, each view scored as
+100 x cosine(CLIP image, CLIP text of the run's prompt from its config.yaml), averaged over the views; "overall" is the
+mean over the scored runs. Default scorers: the paper's OpenAI ViT-L/14 (ViT-L-14:openai) and ViT-bigG-14
+(ViT-bigG-14:laion2b_s39b_b160k); `tiny` is an offline toy scorer (random weights) for tests.
+RUN_OR_FOLDER is a run folder (with config.yaml) or a folder of them; unfinished runs of a folder are listed, not
+scored. `--prompts` restricts and orders the runs by prompt text (the paper's list: threestudio's
+load/prompt_library.json:dreamfusion). Writes <out>/clip_scores.json and clip_scores.md (default out: RUN_OR_FOLDER).
+
+A/B (`--ab`): matching loss and CLIP snapshot vs iteration from each run's metrics.jsonl (train with
+EvalParams.metrics_interval=K) in <out>/ab_report.png, final numbers in ab_report.md next to the paper's Table 1
+(quoted, labelled as such); with --clip-models the final PLYs are also scored by the protocol.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.general import write_json_atomic, write_text_atomic
+from utils.run_setup import RunError, run_entry
+
+
+def final_ply(run: Path) -> Path | None:
+    """point_cloud/iteration_<max>/point_cloud.ply of a run, or None."""
+    found = []
+    for folder in (run / "point_cloud").glob("iteration_*"):
+        match = re.fullmatch(r"iteration_(\d+)", folder.name)
+        if match and (folder / "point_cloud.ply").is_file():
+            found.append((int(match.group(1)), folder / "point_cloud.ply"))
+    return max(found)[1] if found else None
+
+
+def find_runs(path: Path) -> list[Path]:
+    """[path] when it is a run folder (holds config.yaml), else its sub-folders that are."""
+    if not path.is_dir():
+        raise RunError(f"'{path}' is not a folder; pass a run folder (with config.yaml) or a folder of runs")
+    if (path / "config.yaml").is_file():
+        return [path]
+    runs = sorted(p for p in path.iterdir() if (p / "config.yaml").is_file())
+    if not runs:
+        raise RunError(f"'{path}' holds no run folders (folders with config.yaml written by train.py)")
+    return runs
+
+
+def select_runs(runs: list[Path], prompts: list[str] | None) -> tuple[list[tuple[Path, object]], list[str]]:
+    """(run, config) pairs, restricted to and ordered by `prompts` when given; and the prompts without a run."""
+    from arguments import load_config
+
+    configs = [(run, load_config(run / "config.yaml")) for run in runs]
+    if prompts is None:
+        return configs, []
+    by_prompt: dict[str, list] = {}
+    for run, cfg in configs:
+        by_prompt.setdefault(cfg.GuidanceParams.text.strip(), []).append((run, cfg))
+    chosen = [pair for p in dict.fromkeys(prompts) for pair in by_prompt.get(p.strip(), [])]
+    return chosen, [p for p in dict.fromkeys(prompts) if p.strip() not in by_prompt]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():  # gpu-only
+        raise RunError(f"--device {name} asked for but CUDA is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def score_run(run: Path, cfg, ply: Path, scorers: dict, resolution: int, device: torch.device, backend: str) -> dict:
+    """One run: the rig's renders of its final PLY scored by every CLIP model."""
+    from scene import GaussianModel
+    from utils.clip_eval import clip_scores, rig_images
+    from utils.run_setup import background
+
+    gaussians = GaussianModel(cfg.ModelParams.sh_degree, device=device)
+    gaussians.load_ply(str(ply))
+    images = rig_images(gaussians, background(cfg, device), resolution, backend)
+    return {"run": run.name, "path": str(run), "prompt": cfg.GuidanceParams.text, "ply": str(ply),
+            "views": int(images.shape[0]), "scores": clip_scores(scorers, images, cfg.GuidanceParams.text)}
+
+
+def aggregate(rows: list[dict], labels: list[str]) -> dict:
+    """Mean over runs per model (each run already averaged over its views)."""
+    return {label: sum(r["scores"][label]["mean"] for r in rows) / len(rows) for label in labels}
+
+
+def markdown(report: dict) -> str:
+    labels = report["models"]
+    lines = ["# CLIP similarity (paper protocol: 16 views, radius 4, elevations 0/45, 100 x cosine)", "",
+             f"runs scored: {len(report['rows'])}" + (f"; not scored: {len(report['unfinished'])} unfinished runs, "
+                                                      f"{len(report['missing_prompts'])} prompts without a run"
+                                                      if report["unfinished"] or report["missing_prompts"] else ""),
+             "", "| run | prompt | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for r in report["rows"]:
+        lines.append(f"| {r['run']} | {r['prompt']} | " +
+                     " | ".join(f"{r['scores'][m]['mean']:.2f}" for m in labels) + " |")
+    lines.append("| **overall** | mean over runs | " + " | ".join(f"**{report['overall'][m]:.2f}**" for m in labels)
+                 + " |")
+    for name in report["unfinished"]:
+        lines.append(f"\nunfinished (no final PLY): {name}")
+    for prompt in report["missing_prompts"]:
+        lines.append(f"\nno run for prompt: {prompt}")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_runs(args: argparse.Namespace) -> dict:
+    """Score a run or a folder of runs; writes clip_scores.{json,md}."""
+    from utils.clip_eval import load_scorers, parse_clip_models
+    from utils.prompts import read_prompts
+
+    source = Path(args.path)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    runs = find_runs(source)
+    if len(runs) == 1 and runs[0] == source and final_ply(source) is None:
+        raise RunError(f"run folder '{source}' has no point_cloud/iteration_*/point_cloud.ply; finish train.py first")
+    selected, missing_prompts = select_runs(runs, prompts)
+    ready = [(run, cfg, final_ply(run)) for run, cfg in selected]
+    unfinished = [run.name for run, _, ply in ready if ply is None]
+    ready = [item for item in ready if item[2] is not None]
+    if not ready:
+        raise RunError(f"no finished run to score in '{source}' (unfinished: {len(unfinished)}, prompts without a "
+                       f"run: {len(missing_prompts)})")
+    device = resolve_device(args.device)
+    scorers = load_scorers(parse_clip_models(args.clip_models), device)
+    rows = []
+    for run, cfg, ply in ready:
+        rows.append(score_run(run, cfg, ply, scorers, args.resolution, device, args.backend))
+        print(f"{run.name}: " + ", ".join(f"{m} {s['mean']:.2f}" for m, s in rows[-1]["scores"].items()))
+    labels = list(scorers)
+    report = {"models": labels, "resolution": args.resolution, "rows": rows, "overall": aggregate(rows, labels),
+              "unfinished": unfinished, "missing_prompts": missing_prompts}
+    out = Path(args.out) if args.out else source
+    write_json_atomic(out / "clip_scores.json", report)
+    text = markdown(report)
+    write_text_atomic(out / "clip_scores.md", text)
+    print(text)
+    return report
+
+
+def ab_report(args: argparse.Namespace) -> dict:
+    """The A/B report of `--ab VANILLA PTD`; with --clip-models also the protocol scores of the final PLYs."""
+    from utils.ab_report import write_ab_report
+
+    vanilla, ptd = (Path(p) for p in args.ab)
+    out = Path(args.out) if args.out else ptd.parent / f"ab_{vanilla.name}_vs_{ptd.name}"
+    protocol = None
+    if args.clip_models:
+        protocol = {}
+        for label, run in (("vanilla", vanilla), ("PTD", ptd)):
+            sub = argparse.Namespace(**{**vars(args), "path": str(run), "prompts": None, "out": str(out / label)})
+            report = evaluate_runs(sub)
+            protocol[label] = report["overall"]
+    return write_ab_report(vanilla, ptd, out, protocol)
+
+
+def main(args: argparse.Namespace) -> dict:
+    return ab_report(args) if args.ab else evaluate_runs(args)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="CLIP similarity (paper protocol) and the vanilla/PTD A/B report")
+    parser.add_argument("path", nargs="?", help="a run folder or a folder of runs")
+    parser.add_argument("--ab", nargs=2, metavar=("VANILLA_RUN", "PTD_RUN"), help="A/B report of two runs")
+    parser.add_argument("--clip-models", default=None,
+                        help="NAME:PRETRAINED,... (default: ViT-L-14:openai,ViT-bigG-14:laion2b_s39b_b160k; 'tiny' "
+                             "for the offline toy scorer)")
+    parser.add_argument("--prompts", default=None, help="FILE.txt or FILE.json:KEY restricting/ordering the runs")
+    parser.add_argument("--out", default=None, help="output folder (default: the input folder)")
+    parser.add_argument("--resolution", type=int, default=512, help="square render size of the rig views")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--backend", default="auto", help="rasterizer: auto | torch | gsplat | inria")
+    args = parser.parse_args(argv)
+    if bool(args.path) == bool(args.ab):
+        parser.error("give either a run folder (or folder of runs) or --ab VANILLA_RUN PTD_RUN")
+    return args
+
+
+def cli(argv=None) -> int:
+    args = parse_args(argv)
+    return run_entry(main, args)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

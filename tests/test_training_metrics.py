@@ -1,0 +1,155 @@
+"""Metrics during stage 2: records at the right iterations under the iteration's network, the training trajectory
+untouched (same final PLY bytes with metrics on and off, PTD and vanilla), exact resume, and the A/B report."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import form_path
+import train
+from arguments import load_config
+from guidance.ptd_utils import ptd_weight
+from test_end_to_end import SMOKE, TINY_RUN
+from utils.training_metrics import (METRICS_FILE, preserved_rng, read_metrics, record_iterations,
+                                    reset_metrics_file)
+
+pytestmark = pytest.mark.slow
+
+# the monitor at toy scale: tiny CLIP at 32 px, 4 references of 2 DDIM steps, 2 views, 3 timesteps
+TINY_METRICS = ["EvalParams.clip_model=tiny", "EvalParams.clip_resolution=32", "EvalParams.probe_num_refs=4",
+                "EvalParams.probe_ddim_steps=2", "EvalParams.probe_num_views=2",
+                "EvalParams.probe_timesteps=[100,500,900]", "save_video=false"]
+RECORDED = [1, 3, 6, 8]  # metrics_interval 3 over 8 iterations: the first, every 3rd and the last
+
+
+def cfg_for(root, workspace, *overrides):
+    return load_config(SMOKE, [*TINY_RUN, *TINY_METRICS, f"ModelParams.output_root={root}",
+                               f"ModelParams.workspace={workspace}", "PTDParams.lora_lr=0.01", *overrides])
+
+
+def ply_bytes(ply: Path) -> bytes:
+    return Path(ply).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """PTD and vanilla arms, each trained with metrics off, then again (same folder) with metrics every 3 its."""
+    root = tmp_path_factory.mktemp("metrics_runs")
+    form_path.main(cfg_for(root, "ptd", "PTDParams.mode=weighted"))
+    out = {"root": root}
+    for arm, mode in (("ptd", "weighted"), ("vanilla", "off")):
+        off = ply_bytes(train.main(cfg_for(root, arm, f"PTDParams.mode={mode}")))
+        assert not (root / arm / METRICS_FILE).exists()
+        on = ply_bytes(train.main(cfg_for(root, arm, f"PTDParams.mode={mode}", "EvalParams.metrics_interval=3"),
+                                  overwrite=True))
+        out[arm] = {"off": off, "on": on, "records": read_metrics(root / arm / METRICS_FILE)}
+    return out
+
+
+@pytest.mark.parametrize("arm", ["ptd", "vanilla"])
+def test_metrics_do_not_change_the_trajectory(runs, arm):
+    assert runs[arm]["on"] == runs[arm]["off"]
+
+
+def test_records_at_the_interval_under_the_iterations_network(runs):
+    cfg = cfg_for(runs["root"], "ptd")
+    for arm in ("ptd", "vanilla"):
+        records = runs[arm]["records"]
+        assert [r["iteration"] for r in records] == RECORDED
+        for r in records:
+            assert set(r["matching_loss_by_t"]) == {"100", "500", "900"}
+            assert np.isfinite(r["matching_loss"]) and r["matching_loss"] > 0 and r["matching_loss_std"] >= 0
+            assert r["matching_loss"] == pytest.approx(np.mean(list(r["matching_loss_by_t"].values())))
+            assert set(r["clip"]) == {"tiny"} and r["clip_views"] == 16 and abs(r["clip"]["tiny"]) <= 100
+    p = cfg.PTDParams
+    assert [r["ptd_weight"] for r in runs["ptd"]["records"]] == \
+        pytest.approx([ptd_weight(i, p.total_steps, p.power) for i in RECORDED])
+    assert all(r["ptd_weight"] is None and r["mode"] == "off" for r in runs["vanilla"]["records"])
+    # the reference set is shared with probe_ood.py through the run's cache
+    assert list((runs["root"] / "ptd" / "probe").glob("refs_*.pt"))
+
+
+def test_tensorboard_has_the_metric_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["root"] / "ptd"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"metrics/matching_loss", "metrics/clip/tiny", "metrics/matching_loss_t100"} <= set(tags)
+    assert [e.step for e in events.Scalars("metrics/matching_loss")] == RECORDED
+
+
+def test_ab_report_has_both_arms(runs, tmp_path):
+    root = runs["root"]
+    assert evaluate.cli(["--ab", str(root / "vanilla"), str(root / "ptd"), "--out", str(tmp_path), "--clip-models",
+                         "tiny", "--resolution", "32", "--device", "cpu", "--backend", "torch"]) == 0
+    text = (tmp_path / "ab_report.md").read_text()
+    assert (tmp_path / "ab_report.png").stat().st_size > 0
+    assert "| vanilla | off |" in text and "| PTD | weighted |" in text
+    assert "CLIP tiny (16 views, final PLY)" in text  # --clip-models: the final PLYs scored by the protocol
+    protocol = json.loads((tmp_path / "PTD" / "clip_scores.json").read_text())["overall"]["tiny"]
+    assert f"{protocol:.2f} |" in text.split("| PTD | weighted |")[1].splitlines()[0]
+    assert "NOT our measurements" in text and "| PTD (paper) | 27.16 | 42.36 |" in text
+    report = json.loads((tmp_path / "ab_report.json").read_text())
+    final = report["arms"][1]["final"]
+    assert final["final_iteration"] == 8
+    assert final["matching_loss_final"] == pytest.approx(runs["ptd"]["records"][-1]["matching_loss"])
+
+
+def test_resume_keeps_one_record_per_iteration(runs):
+    """A crash after the checkpoint of iteration 6 leaves a record of 7 behind; the resumed run records it again."""
+    root = runs["root"]
+    cfg = cfg_for(root, "vanilla", "PTDParams.mode=off", "EvalParams.metrics_interval=1")
+    original = train.train_step
+
+    def crash_at_8(cfg_, iteration, state):
+        if iteration == 8:
+            raise RuntimeError("simulated crash")
+        return original(cfg_, iteration, state)
+    train.train_step = crash_at_8
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.main(cfg, overwrite=True)
+    finally:
+        train.train_step = original
+    assert [r["iteration"] for r in read_metrics(root / "vanilla" / METRICS_FILE)] == list(range(1, 8))
+    assert ply_bytes(train.main(cfg, resume=True)) == runs["vanilla"]["off"]
+    assert [r["iteration"] for r in read_metrics(root / "vanilla" / METRICS_FILE)] == list(range(1, 9))
+
+
+def test_bad_eval_params_are_one_line(runs):
+    cfg = cfg_for(runs["root"], "bad", "PTDParams.mode=off", "EvalParams.metrics_interval=2",
+                  "EvalParams.probe_timesteps=[100,1200]")
+    with pytest.raises(ValueError, match=r"EvalParams.probe_timesteps must be timestep indices in \[0, 999\)"):
+        train.main(cfg, overwrite=True)
+    with pytest.raises(ValueError, match="metrics_interval must be >= 0"):
+        record_iterations(-1, 10)
+
+
+def test_record_iterations_and_file_reset(tmp_path):
+    assert record_iterations(0, 10) == set()
+    assert record_iterations(4, 10) == {1, 4, 8, 10}
+    path = tmp_path / METRICS_FILE
+    path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in (1, 2, 3)) + '{"iteration": 4, "tor')
+    assert [r["iteration"] for r in read_metrics(path)] == [1, 2, 3]  # a torn last line is skipped
+    reset_metrics_file(path, start=3)
+    assert [r["iteration"] for r in read_metrics(path)] == [1, 2]
+    reset_metrics_file(path, start=1)
+    assert read_metrics(path) == []
+
+
+def test_preserved_rng_restores_every_stream():
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    with preserved_rng():
+        torch.rand(3), random.random(), np.random.rand()
+    after = (torch.rand(1).item(), random.random(), np.random.rand())
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    assert after == (torch.rand(1).item(), random.random(), np.random.rand())

@@ -1,0 +1,102 @@
+"""CLIP similarity of a 3D model by the paper's protocol (§6.1), shared by evaluate.py and the training monitor.
+
+Protocol: render the 16-view rig (`scene.eval_rig_cameras`: radius 4, elevations 0 and 45 degrees, 8 azimuths from
+-180 in 45-degree steps, fovy 0.55), score each view with CLIP (100 x cosine(image, prompt)), average over the views.
+The paper's scorers are OpenAI's ViT-L/14 and OpenCLIP's ViT-bigG-14 (`utils.clip_score.PAPER_MODELS`).
+
+Model specs are `NAME:PRETRAINED` (open_clip name and pretrained tag or local weights file), comma-separated, or
+`tiny`: an offline toy open_clip config (random weights, seeded) for tests and CPU demos, which measures nothing.
+"""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import torch
+
+from utils.clip_score import PAPER_MODELS, ClipScorer
+
+TINY_CLIP_NAME = "ptd-tiny-clip"
+TINY_CLIP_CONFIG = {"embed_dim": 16,
+                    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+# seed of the tiny CLIP's random weights (the same toy scorer in every process)
+TINY_CLIP_SEED = 0
+
+
+def register_tiny_clip() -> str:
+    """Register the toy config with open_clip (a JSON file in the tiny-model cache); returns its model name."""
+    import open_clip
+
+    from guidance.tiny import default_cache_root
+    from utils.general import write_text_atomic
+
+    path = default_cache_root() / "open_clip" / f"{TINY_CLIP_NAME}.json"
+    text = json.dumps(TINY_CLIP_CONFIG, indent=1)
+    if not path.is_file() or path.read_text() != text:
+        write_text_atomic(path, text)
+    if TINY_CLIP_NAME not in open_clip.list_models():
+        open_clip.add_model_config(path)
+    return TINY_CLIP_NAME
+
+
+def parse_clip_models(spec: str | None) -> list[tuple[str, str | None]]:
+    """'NAME:PRETRAINED,...' | 'tiny' | None (the paper's two) -> [(name, pretrained or None)].
+
+    The pretrained part may be a path with ':' in it (only the first ':' splits); 'none' or '' mean random weights."""
+    if spec is None:
+        return [(n, p) for n, p in PAPER_MODELS]
+    models = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, _, pretrained = item.partition(":")
+        if not name:
+            raise ValueError(f"CLIP model spec '{item}' has no model name; use NAME:PRETRAINED, e.g. ViT-L-14:openai")
+        models.append((name, None if pretrained.lower() in ("", "none") else pretrained))
+    if not models:
+        raise ValueError(f"CLIP model spec '{spec}' names no model; use NAME:PRETRAINED[,NAME:PRETRAINED]")
+    return models
+
+
+def model_label(name: str, pretrained: str | None) -> str:
+    return name if name == "tiny" else f"{name}:{pretrained or 'none'}"
+
+
+def load_scorer(name: str, pretrained: str | None, device: torch.device | str = "cpu") -> ClipScorer:
+    """A ClipScorer; 'tiny' is the seeded toy model. Creation never moves the caller's RNG streams."""
+    import open_clip
+
+    if name == "tiny":
+        with torch.random.fork_rng():
+            torch.manual_seed(TINY_CLIP_SEED)
+            return ClipScorer.load(register_tiny_clip(), None, device)
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model '{name}'; e.g. ViT-L-14, ViT-bigG-14 (open_clip.list_models()) "
+                         f"or 'tiny'")
+    with torch.random.fork_rng():
+        return ClipScorer.load(name, pretrained, device)
+
+
+def load_scorers(models: Sequence[tuple[str, str | None]], device) -> dict[str, ClipScorer]:
+    return {model_label(n, p): load_scorer(n, p, device) for n, p in models}
+
+
+@torch.no_grad()
+def rig_images(gaussians, bg: torch.Tensor, resolution: int, backend: str = "auto", n_azimuths: int = 8,
+               radius: float = 4.0) -> torch.Tensor:
+    """The evaluation rig's renders [2 n_azimuths, 3, R, R] in [0, 1] (elevation 0 first, then 45)."""
+    from gaussian_renderer import render
+    from scene import eval_rig_cameras
+
+    cams = eval_rig_cameras(resolution, resolution, radius=radius, n_azimuths=n_azimuths, device=bg.device)
+    return torch.stack([render(c, gaussians, bg, backend=backend)["render"] for c in cams]).clamp(0, 1)
+
+
+def clip_scores(scorers: dict[str, ClipScorer], images: torch.Tensor, text: str) -> dict[str, dict]:
+    """Per model: {"mean": mean over views, "views": per-view similarity list}."""
+    out = {}
+    for label, scorer in scorers.items():
+        views = scorer.similarity(images, text).double()
+        out[label] = {"mean": views.mean().item(), "views": views.tolist()}
+    return out
