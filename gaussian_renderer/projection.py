@@ -35,6 +35,7 @@ class Projected:
     px_lo: torch.Tensor  # [N, 2] int64 first covered pixel (x, y), clamped to the image
     px_hi: torch.Tensor  # [N, 2] int64 last covered pixel (x, y), clamped to the image
     visible: torch.Tensor  # [N] bool
+    eig_max: torch.Tensor  # [N] lambda of the radius: an upper bound of the 2D covariance's largest eigenvalue (px^2)
 
 
 def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
@@ -112,9 +113,9 @@ def project_gaussians(means: torch.Tensor, cov3d: torch.Tensor, camera,
     safe_det = torch.where(ok, det, torch.ones_like(det))
     conics = torch.stack([c / safe_det, -b / safe_det, a / safe_det], dim=-1)  # [N, 3]
 
-    radii, px_lo, px_hi, visible = _screen_extent(means2d.detach(), a.detach(), c.detach(), det.detach(), ok,
-                                                  width, height)
-    return Projected(means2d, conics, tz, radii, px_lo, px_hi, visible)
+    radii, px_lo, px_hi, visible, lam = _screen_extent(means2d.detach(), a.detach(), c.detach(), det.detach(), ok,
+                                                       width, height)
+    return Projected(means2d, conics, tz, radii, px_lo, px_hi, visible, lam)
 
 
 def _screen_extent(means2d: torch.Tensor, a: torch.Tensor, c: torch.Tensor, det: torch.Tensor, ok: torch.Tensor,
@@ -132,7 +133,7 @@ def _screen_extent(means2d: torch.Tensor, a: torch.Tensor, c: torch.Tensor, det:
     px_lo = torch.maximum(lo, torch.zeros_like(lo))
     px_hi = torch.minimum(hi, torch.tensor([width - 1, height - 1], device=means2d.device))
     visible = ok & finite & (px_lo <= px_hi).all(dim=1)
-    return torch.where(visible, radii, torch.zeros_like(radii)), px_lo, px_hi, visible
+    return torch.where(visible, radii, torch.zeros_like(radii)), px_lo, px_hi, visible, lam
 
 
 def gaussian_colors(camera, means: torch.Tensor, features: Optional[torch.Tensor], sh_degree: int,

@@ -89,6 +89,26 @@ def test_weight_zero_is_the_base_bit_for_bit(lora_unet):
     set_lora_scale(unet, 1.0)
 
 
+def test_weight_zero_skips_the_lora_branch_and_any_weight_brings_it_back(lora_unet):
+    unet, inputs, base, trained = lora_unet
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for name, m in unet.named_modules()
+             if name.endswith("lora_A.ptd_path")]
+    try:
+        set_lora_scale(unet, 0.0, "ptd_path")
+        assert torch.equal(_run(unet, inputs), base) and calls == []  # no low-rank product computed at w = 0
+        set_lora_scale(unet, 1.0, "ptd_path")
+        assert torch.equal(_run(unet, inputs), trained) and len(calls) == len(hooks) == 48
+        calls.clear()
+        set_lora_scale(unet, 1.0)
+        with lora_scale(unet, 0.0, "ptd_path"):
+            assert torch.equal(_run(unet, inputs), base) and calls == []
+        assert torch.equal(_run(unet, inputs), trained) and len(calls) == 48  # restored on exit
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_weight_one_is_the_lora_as_trained_with_alpha_not_r(lora_unet):
     unet, inputs, _, trained = lora_unet
     set_lora_scale(unet, 0.2, "ptd_path")
