@@ -20,8 +20,9 @@ import torch
 
 from arguments import Config, parse_cli, run_dir, save_config
 from utils.general import atomic_path, seed_everything, stable_hash, write_json_atomic
-from utils.run_setup import (PATH_ADAPTER, RunError, background, init_key, initial_gaussians, make_guidance,
-                             make_sampler, path_lora_dir, path_metadata, select_device, validate, run_entry)
+from utils.run_setup import (PATH_ADAPTER, RunError, background, configure_torch, init_key, initial_gaussians,
+                             make_guidance, make_sampler, path_lora_dir, path_metadata, run_entry, select_device,
+                             validate)
 
 # timesteps at which the prior and the path LoRA are compared on the renders
 REPORT_TIMESTEPS = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900)
@@ -146,6 +147,7 @@ def form_path(cfg: Config, overwrite: bool = False, resume: bool = False) -> Pat
         raise RunError(f"path LoRA {out_dir} exists; pass --overwrite to form it again")
     device = select_device(cfg)
     validate(cfg, device)
+    configure_torch(cfg)
     seed_everything(cfg.seed)
     gaussians = initial_gaussians(cfg, device)
     guidance = make_guidance(cfg, device)
@@ -191,6 +193,7 @@ def prior_finetune(cfg: Config, images_dir: Path, prompt: str, out_dir: Path, ov
         raise RunError(f"prior LoRA {out_dir} exists; pass --overwrite to fit it again")
     device = select_device(cfg)
     validate(cfg, device)
+    configure_torch(cfg)
     seed_everything(cfg.seed)
     c = cfg.GenerateCamParams
     images = load_image_folder(images_dir, (c.image_h, c.image_w), device)

@@ -22,9 +22,9 @@ from arguments import Config, load_config, parse_cli, run_dir, save_config
 from utils.general import rng_state, seed_everything, set_rng_state
 from utils.loss_utils import scale_loss, tv_loss
 from utils.training_metrics import TrainingMonitor
-from utils.run_setup import (PATH_ADAPTER, RunError, background, check_path_metadata, initial_gaussians,
-                             make_guidance, make_sampler, path_lora_dir, scene_extent, select_device, validate,
-                             run_entry)
+from utils.run_setup import (PATH_ADAPTER, RunError, background, check_path_metadata, configure_torch,
+                             initial_gaussians, make_guidance, make_sampler, path_lora_dir, run_entry, scene_extent,
+                             select_device, validate)
 
 # prune Gaussians whose opacity falls below this (stock)
 MIN_OPACITY = 0.005
@@ -325,6 +325,7 @@ def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
 
     device = select_device(cfg)
     prepare_run(cfg, device, resume, overwrite)
+    configure_torch(cfg)
     state = setup(cfg, device)
     start = restore(cfg, state) + 1 if resume else 1
     state["monitor"] = TrainingMonitor.create(cfg, state, device, start=start)  # no-op unless metrics_interval > 0

@@ -267,6 +267,9 @@ class Config:
     save_video: bool = True
     # torch device: auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
     device: str = "auto"
+    # torch's deterministic algorithms (warn-only): on the CPU the same config, seed and thread count give the same
+    # bytes, and a resumed run equals an uninterrupted one (multi-threaded scatter-adds otherwise vary); ~no cost here
+    deterministic: bool = True
     ModelParams: ModelParams = field(default_factory=ModelParams)
     PipelineParams: PipelineParams = field(default_factory=PipelineParams)
     OptimizationParams: OptimizationParams = field(default_factory=OptimizationParams)

@@ -163,3 +163,32 @@ def test_stage1_resumes_to_the_same_lora(tmp_path, monkeypatch):
     losses = [json.loads((folder / "ptd_path.json").read_text())["losses"] for folder in (resumed, whole)]
     assert losses[0] == losses[1] and len(losses[0]) == 8
     assert not list((tmp_path / "broken").glob(".path_lora.*"))
+
+
+def test_render_gradients_repeat_bit_for_bit_with_two_threads():
+    """Regression: the renderer's multi-threaded scatter-adds vary between runs unless the run's configure_torch
+    turns on torch's deterministic algorithms (Config.deterministic, default true)."""
+    import numpy as np
+
+    from arguments import Config
+    from gaussian_renderer import render
+    from scene import GaussianModel, orbit_camera
+    from scene.initialization import sphere_points
+    from utils.run_setup import configure_torch
+
+    def grads():
+        g = GaussianModel(0)
+        pc = sphere_points(6000, np.random.default_rng(0))
+        g.create_from_pcd(pc.points, pc.colors, 3.5)
+        for p in g._params().values():
+            p.requires_grad_(True)
+        out = render(orbit_camera(3.5, 80, 30, 0.55, 64, 64), g, torch.ones(3), backend="torch")
+        (out["render"].sum() + out["depth"].sum()).backward()
+        return [p.grad.clone() for p in g._params().values() if p.grad is not None]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        configure_torch(Config())
+        assert all(torch.equal(a, b) for a, b in zip(grads(), grads()))
+    finally:
+        torch.set_num_threads(threads)

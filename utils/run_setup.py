@@ -30,6 +30,11 @@ def select_device(cfg: Config) -> torch.device:
     return device
 
 
+def configure_torch(cfg: Config) -> None:
+    """Process-wide torch settings of a run (called by the entry points, never at import)."""
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+
+
 def scene_extent(cfg: Config) -> float:
     """LucidDreamer's spatial scale: the default camera radius (3.5), for lr scaling and densification."""
     return float(cfg.GenerateCamParams.default_radius)
