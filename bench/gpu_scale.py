@@ -249,8 +249,8 @@ def main(argv=None) -> int:
     if args.cpu_dry_run:
         args.iterations, args.warmup, args.rounds = min(args.iterations, 2), min(args.warmup, 1), 1
         args.num_views, args.path_epochs = min(args.num_views, 4), min(args.path_epochs, 1)
-    device = torch.device("cpu" if args.cpu_dry_run else "cuda")
-    model_dir = sd21_model_dir(args.model_dir, device="cpu" if args.cpu_dry_run else "cuda")
+    device = torch.device("cpu" if args.cpu_dry_run else "cuda")  # gpu-only: this benchmark exists to measure CUDA
+    model_dir = sd21_model_dir(args.model_dir, device="cpu" if args.cpu_dry_run else "cuda")  # gpu-only
     base, with_lora, train_step_flops = lora_flops(args.batch, (64 if args.cpu_dry_run else args.size) // 8)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch "
           f"{torch.__version__}, model {model_dir.name}")

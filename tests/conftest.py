@@ -32,3 +32,13 @@ def tiny_pipe(tiny_path):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (restored after): as fast for the tiny UNet, and two threads stall badly when
+    other jobs share the two cores. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

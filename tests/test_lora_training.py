@@ -13,13 +13,7 @@ from guidance.ptd_utils import PathTracer, set_lora_scale
 TIMESTEPS = [50, 200, 400, 600, 800, 950]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: as fast for the tiny UNet, and two threads stall badly when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

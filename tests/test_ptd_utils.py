@@ -17,13 +17,7 @@ PTD_UTILS = Path(__file__).resolve().parents[1] / "guidance" / "ptd_utils.py"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: as fast for the tiny UNet, and two threads stall badly when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
