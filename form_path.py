@@ -140,15 +140,21 @@ def print_report(report: dict) -> None:
     print(f"{'mean':>5} {report['prior_mean']:>10.5f} {report['path_lora_mean']:>10.5f}")
 
 
+def start_run(cfg: Config) -> torch.device:
+    """Device, every check before anything is written, torch settings and the seed: the start of both modes."""
+    device = select_device(cfg)
+    validate(cfg, device)
+    configure_torch(cfg)
+    seed_everything(cfg.seed)
+    return device
+
+
 def form_path(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     """Stage 1 on the renders of the initial 3D model; returns the path LoRA folder."""
     out_dir = path_lora_dir(cfg)
     if out_dir.exists() and not overwrite:
         raise RunError(f"path LoRA {out_dir} exists; pass --overwrite to form it again")
-    device = select_device(cfg)
-    validate(cfg, device)
-    configure_torch(cfg)
-    seed_everything(cfg.seed)
+    device = start_run(cfg)
     gaussians = initial_gaussians(cfg, device)
     guidance = make_guidance(cfg, device)
     images, azimuths = render_views(cfg, gaussians, guidance, device)
@@ -191,10 +197,7 @@ def prior_finetune(cfg: Config, images_dir: Path, prompt: str, out_dir: Path, ov
         raise RunError("--prompt is empty; give the text that describes the images")
     if out_dir.exists() and not overwrite:
         raise RunError(f"prior LoRA {out_dir} exists; pass --overwrite to fit it again")
-    device = select_device(cfg)
-    validate(cfg, device)
-    configure_torch(cfg)
-    seed_everything(cfg.seed)
+    device = start_run(cfg)
     c = cfg.GenerateCamParams
     images = load_image_folder(images_dir, (c.image_h, c.image_w), device)
     guidance = make_guidance(cfg, device)

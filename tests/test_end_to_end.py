@@ -36,6 +36,22 @@ def final_ply(cfg) -> bytes:
             "point_cloud.ply").read_bytes()
 
 
+def crash_train_at(crash_iteration, cfg, **main_kwargs) -> None:
+    """Run train.main(cfg) and let it die with a simulated crash at the start of `crash_iteration`."""
+    original = train.train_step
+
+    def crashing(cfg_, iteration, state):
+        if iteration == crash_iteration:
+            raise RuntimeError("simulated crash")
+        return original(cfg_, iteration, state)
+    train.train_step = crashing
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.main(cfg, **main_kwargs)
+    finally:
+        train.train_step = original
+
+
 def test_vanilla_train_writes_stock_outputs(tmp_path):
     cfg = cfg_for(tmp_path, "PTDParams.mode=off")
     ply = train.main(cfg)
@@ -102,18 +118,7 @@ def test_same_seed_same_bytes_and_exact_resume(tmp_path):
     # interrupted after the checkpoint of iteration 6, then resumed
     c = cfg_for(tmp_path, "PTDParams.mode=off", workspace="c")
     c.OptimizationParams.iterations = 8
-    original = train.train_step
-
-    def crash_at_7(cfg, iteration, state):
-        if iteration == 7:
-            raise RuntimeError("simulated crash")
-        return original(cfg, iteration, state)
-    train.train_step = crash_at_7
-    try:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train.main(c)
-    finally:
-        train.train_step = original
+    crash_train_at(7, c)
     assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").glob("*.pt")) == \
         ["iteration_000003.pt", "iteration_000006.pt"]
     train.main(c, resume=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from tests.test_end_to_end import ROOT, SMOKE, TINY_RUN, cfg_for, final_ply
+from test_end_to_end import ROOT, SMOKE, TINY_RUN, cfg_for, final_ply
 
 pytestmark = pytest.mark.slow
 LONGER = ["OptimizationParams.iterations=14", "OptimizationParams.checkpoint_interval=2", "PTDParams.mode=off"]

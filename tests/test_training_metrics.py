@@ -13,7 +13,7 @@ import form_path
 import train
 from arguments import load_config
 from guidance.ptd_utils import ptd_weight
-from test_end_to_end import SMOKE, TINY_RUN
+from test_end_to_end import SMOKE, TINY_RUN, crash_train_at
 from utils.training_metrics import (METRICS_FILE, preserved_rng, read_metrics, record_iterations,
                                     reset_metrics_file)
 
@@ -104,18 +104,7 @@ def test_resume_keeps_one_record_per_iteration(runs):
     """A crash after the checkpoint of iteration 6 leaves a record of 7 behind; the resumed run records it again."""
     root = runs["root"]
     cfg = cfg_for(root, "vanilla", "PTDParams.mode=off", "EvalParams.metrics_interval=1")
-    original = train.train_step
-
-    def crash_at_8(cfg_, iteration, state):
-        if iteration == 8:
-            raise RuntimeError("simulated crash")
-        return original(cfg_, iteration, state)
-    train.train_step = crash_at_8
-    try:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train.main(cfg, overwrite=True)
-    finally:
-        train.train_step = original
+    crash_train_at(8, cfg, overwrite=True)
     assert [r["iteration"] for r in read_metrics(root / "vanilla" / METRICS_FILE)] == list(range(1, 8))
     assert ply_bytes(train.main(cfg, resume=True)) == runs["vanilla"]["off"]
     assert [r["iteration"] for r in read_metrics(root / "vanilla" / METRICS_FILE)] == list(range(1, 9))
