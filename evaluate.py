@@ -1,7 +1,7 @@
 """CLIP similarity by the paper's protocol (§6.1, Table 1), and the vanilla-vs-PTD A/B report.
 
-    python evaluate.py RUN_OR_FOLDER [--clip-models NAME:PRETRAINED,...] [--prompts FILE | FILE.json:KEY]
-                       [--out DIR] [--resolution 512] [--device auto] [--backend auto]
+    python evaluate.py RUN_OR_FOLDER [--clip-models NAME:PRETRAINED,...|none] [--matching-loss]
+                       [--prompts FILE | FILE.json:KEY] [--out DIR] [--resolution 512] [--device auto] [--backend auto]
     python evaluate.py --ab VANILLA_RUN PTD_RUN [--out DIR] [--clip-models ...]
 
 Scoring: each run's final PLY (point_cloud/iteration_<max>/point_cloud.ply) rendered from the 16-view rig (radius 4,
@@ -11,7 +11,9 @@ mean over the scored runs. Default scorers: the paper's OpenAI ViT-L/14 (ViT-L-1
 (ViT-bigG-14:laion2b_s39b_b160k); `tiny` is an offline toy scorer (random weights) for tests.
 RUN_OR_FOLDER is a run folder (with config.yaml) or a folder of them; unfinished runs of a folder are listed, not
 scored. `--prompts` restricts and orders the runs by prompt text (the paper's list: threestudio's
-load/prompt_library.json:dreamfusion). Writes <out>/clip_scores.json and clip_scores.md (default out: RUN_OR_FOLDER).
+load/prompt_library.json:dreamfusion). `--matching-loss` adds each final model's matching loss (Eq. 5, as the
+training monitor measures it) under the prior. Writes <out>/clip_scores.json and clip_scores.md (default out:
+RUN_OR_FOLDER).
 
 A/B (`--ab`): matching loss and CLIP snapshot vs iteration from each run's metrics.jsonl (train with
 EvalParams.metrics_interval=K) in <out>/ab_report.png, final numbers in ab_report.md next to the paper's Table 1
@@ -28,6 +30,9 @@ import torch
 
 from utils.general import write_json_atomic, write_text_atomic
 from utils.run_setup import RunError, run_entry
+
+# key of the mean matching loss in a report's "overall"
+MATCHING = "matching_loss"
 
 
 def final_ply(run: Path) -> Path | None:
@@ -75,36 +80,67 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def score_run(run: Path, cfg, ply: Path, scorers: dict, resolution: int, device: torch.device, backend: str) -> dict:
-    """One run: the rig's renders of its final PLY scored by every CLIP model."""
+def score_run(run: Path, cfg, ply: Path, scorers: dict, resolution: int, device: torch.device, backend: str,
+              matching: bool = False) -> dict:
+    """One run: the rig's renders of its final PLY scored by every CLIP model; with `matching` also the final
+    model's matching loss (Eq. 5) under the prior."""
     from scene import GaussianModel
     from utils.clip_eval import clip_scores, rig_images
     from utils.run_setup import background
 
     gaussians = GaussianModel(cfg.ModelParams.sh_degree, device=device)
     gaussians.load_ply(str(ply))
-    images = rig_images(gaussians, background(cfg, device), resolution, backend)
-    return {"run": run.name, "path": str(run), "prompt": cfg.GuidanceParams.text, "ply": str(ply),
-            "views": int(images.shape[0]), "scores": clip_scores(scorers, images, cfg.GuidanceParams.text)}
+    row = {"run": run.name, "path": str(run), "prompt": cfg.GuidanceParams.text, "ply": str(ply),
+           "num_points": int(gaussians.num_points), "views": 0, "scores": {}}
+    if scorers:
+        images = rig_images(gaussians, background(cfg, device), resolution, backend)
+        row.update(views=int(images.shape[0]), scores=clip_scores(scorers, images, cfg.GuidanceParams.text))
+    if matching:
+        row["matching_loss"] = final_matching_loss(run, cfg, gaussians, device)
+    return row
+
+
+def final_matching_loss(run: Path, cfg, gaussians, device: torch.device) -> dict:
+    """Eq. 5 of the final model under the prior (LoRAs of stage 2 off: the network every arm ends with), measured as
+    the training monitor measures it (EvalParams.probe_*; the same views and references for every arm of a seed;
+    references cached in <run>/probe)."""
+    from utils.run_setup import background, make_guidance
+    from utils.training_metrics import matching_loss_summary, preserved_rng, probe_inputs
+
+    guidance = make_guidance(cfg, device)
+    with preserved_rng():
+        refs, views = probe_inputs(cfg, guidance, device, cache=run / "probe")
+        summary = matching_loss_summary(cfg, guidance, gaussians, refs, views, background(cfg, device))
+    return {"mean": summary["overall"]["mean"], "std": summary["overall"]["std"],
+            "by_t": {str(r["t"]): r["mean"] for r in summary["by_t"]}}
 
 
 def aggregate(rows: list[dict], labels: list[str]) -> dict:
-    """Mean over runs per model (each run already averaged over its views)."""
-    return {label: sum(r["scores"][label]["mean"] for r in rows) / len(rows) for label in labels}
+    """Mean over runs per model (each run already averaged over its views), and of the matching loss if measured."""
+    overall = {label: sum(r["scores"][label]["mean"] for r in rows) / len(rows) for label in labels}
+    if rows and all("matching_loss" in r for r in rows):
+        overall[MATCHING] = sum(r["matching_loss"]["mean"] for r in rows) / len(rows)
+    return overall
 
 
 def markdown(report: dict) -> str:
     labels = report["models"]
+    matching = MATCHING in report["overall"]
     lines = ["# CLIP similarity (paper protocol: 16 views, radius 4, elevations 0/45, 100 x cosine)", "",
              f"runs scored: {len(report['rows'])}" + (f"; not scored: {len(report['unfinished'])} unfinished runs, "
                                                       f"{len(report['missing_prompts'])} prompts without a run"
                                                       if report["unfinished"] or report["missing_prompts"] else ""),
-             "", "| run | prompt | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+             "", "| run | prompt | " + " | ".join(labels + ["matching loss"] * matching) + " |",
+             "|---|---|" + "---|" * (len(labels) + matching)]
     for r in report["rows"]:
-        lines.append(f"| {r['run']} | {r['prompt']} | " +
-                     " | ".join(f"{r['scores'][m]['mean']:.2f}" for m in labels) + " |")
-    lines.append("| **overall** | mean over runs | " + " | ".join(f"**{report['overall'][m]:.2f}**" for m in labels)
-                 + " |")
+        cells = [f"{r['scores'][m]['mean']:.2f}" for m in labels]
+        cells += [f"{r['matching_loss']['mean']:.4f} ± {r['matching_loss']['std']:.4f}"] * matching
+        lines.append(f"| {r['run']} | {r['prompt']} | " + " | ".join(cells) + " |")
+    cells = [f"**{report['overall'][m]:.2f}**" for m in labels] + [f"**{report['overall'][MATCHING]:.4f}**"] * matching
+    lines.append("| **overall** | mean over runs | " + " | ".join(cells) + " |")
+    if matching:
+        lines.append("\nmatching loss: Eq. 5 of the final model's renders under the prior against its Stable Target "
+                     "Field (eps space, RMS; EvalParams.probe_*), lower = closer to the prior's distribution")
     for name in report["unfinished"]:
         lines.append(f"\nunfinished (no final PLY): {name}")
     for prompt in report["missing_prompts"]:
@@ -130,11 +166,17 @@ def evaluate_runs(args: argparse.Namespace) -> dict:
         raise RunError(f"no finished run to score in '{source}' (unfinished: {len(unfinished)}, prompts without a "
                        f"run: {len(missing_prompts)})")
     device = resolve_device(args.device)
-    scorers = load_scorers(parse_clip_models(args.clip_models), device)
+    models = parse_clip_models(args.clip_models)
+    if not models and not args.matching_loss:
+        raise RunError("--clip-models none with no --matching-loss measures nothing; name a CLIP model or add "
+                       "--matching-loss")
+    scorers = load_scorers(models, device)
     rows = []
     for run, cfg, ply in ready:
-        rows.append(score_run(run, cfg, ply, scorers, args.resolution, device, args.backend))
-        print(f"{run.name}: " + ", ".join(f"{m} {s['mean']:.2f}" for m, s in rows[-1]["scores"].items()))
+        rows.append(score_run(run, cfg, ply, scorers, args.resolution, device, args.backend, args.matching_loss))
+        print(f"{run.name}: " + ", ".join([f"{m} {s['mean']:.2f}" for m, s in rows[-1]["scores"].items()] +
+                                          [f"matching loss {rows[-1]['matching_loss']['mean']:.4f}"] *
+                                          args.matching_loss))
     labels = list(scorers)
     report = {"models": labels, "resolution": args.resolution, "rows": rows, "overall": aggregate(rows, labels),
               "unfinished": unfinished, "missing_prompts": missing_prompts}
@@ -173,6 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip-models", default=None,
                         help="NAME:PRETRAINED,... (default: ViT-L-14:openai,ViT-bigG-14:laion2b_s39b_b160k; 'tiny' "
                              "for the offline toy scorer)")
+    parser.add_argument("--matching-loss", action="store_true",
+                        help="also the final model's matching loss (Eq. 5) under the prior (EvalParams.probe_*)")
     parser.add_argument("--prompts", default=None, help="FILE.txt or FILE.json:KEY restricting/ordering the runs")
     parser.add_argument("--out", default=None, help="output folder (default: the input folder)")
     parser.add_argument("--resolution", type=int, default=512, help="square render size of the rig views")

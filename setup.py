@@ -7,7 +7,7 @@ setup(
     description="Path-Tracing Distillation for text-to-3D: LucidDreamer (3DGS + ISM) with a path LoRA",
     python_requires=">=3.10",
     packages=find_packages(include=["arguments", "guidance", "scene", "gaussian_renderer", "utils"]),
-    py_modules=["train", "form_path", "evaluate", "probe_ood"],
+    py_modules=["train", "form_path", "evaluate", "probe_ood", "batch"],
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.32",
@@ -32,5 +32,7 @@ setup(
         "test": ["pytest>=8.0"],
         # CUDA rasterizer from PyPI (compiles its kernels on first use; needs a CUDA toolkit)
         "gsplat": ["gsplat>=1.4"],
+        # batch.py on a Ray cluster (batch.py --local needs nothing more)
+        "batch": ["ray>=2.9"],
     },
 )

@@ -41,11 +41,13 @@ def register_tiny_clip() -> str:
 
 
 def parse_clip_models(spec: str | None) -> list[tuple[str, str | None]]:
-    """'NAME:PRETRAINED,...' | 'tiny' | None (the paper's two) -> [(name, pretrained or None)].
+    """'NAME:PRETRAINED,...' | 'tiny' | 'none' (no CLIP) | None (the paper's two) -> [(name, pretrained or None)].
 
     The pretrained part may be a path with ':' in it (only the first ':' splits); 'none' or '' mean random weights."""
     if spec is None:
         return [(n, p) for n, p in PAPER_MODELS]
+    if spec.strip().lower() == "none":
+        return []
     models = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:

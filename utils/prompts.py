@@ -10,8 +10,11 @@ import re
 from pathlib import Path
 
 
-def read_prompts(spec: str) -> list[str]:
-    """Read prompts from `FILE.txt` or `FILE.json:KEY` (a JSON list, or a dict of lists selected by KEY)."""
+def read_prompts(spec: str, keep_empty: bool = False) -> list[str]:
+    """Read prompts from `FILE.txt` or `FILE.json:KEY` (a JSON list, or a dict of lists selected by KEY).
+
+    Blank lines of a .txt are separators, never prompts. An empty string in a JSON list is an entry: dropped, or
+    kept with `keep_empty` (batch.py runs it as a job, which then fails with the reason, in its place in the list)."""
     path_str, key = spec, None
     match = re.match(r"^(.*\.json):([^/\\]+)$", spec)
     if match:
@@ -31,10 +34,9 @@ def read_prompts(spec: str) -> list[str]:
             data = data[key]
         if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
             raise ValueError(f"prompt file '{path}'{':' + key if key else ''} is not a list of strings")
-        prompts = [p.strip() for p in data]
+        prompts = [p.strip() for p in data if p.strip() or keep_empty]
     else:
-        prompts = [line.strip() for line in path.read_text().splitlines()]
-    prompts = [p for p in prompts if p]
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file '{spec}' holds no prompts")
     return prompts

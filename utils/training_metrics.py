@@ -82,6 +82,35 @@ def reset_metrics_file(path: Path, start: int) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def probe_inputs(cfg: Config, guidance, device: torch.device, cache: Path | None = None) -> tuple[torch.Tensor, list]:
+    """The matching loss's fixed inputs: the STF reference latents of the guidance's network (cached in
+    `cache`, default <run>/probe, as refs_<hash>.pt) and `probe_num_views` views from the probe's camera stream."""
+    from utils.ood_probe import PROBE_CAMERA_OFFSET, cached_prior_latents
+    from utils.run_setup import make_sampler
+
+    c, e = cfg.GenerateCamParams, cfg.EvalParams
+    refs = cached_prior_latents(cache or run_dir(cfg) / "probe", guidance, e.probe_num_refs, cfg.seed, c.image_h,
+                                c.image_w, e.probe_ddim_steps, "refs")
+    views = make_sampler(cfg, device, seed_offset=PROBE_CAMERA_OFFSET).next_views(e.probe_num_views)
+    return refs, views
+
+
+@torch.no_grad()
+def matching_loss_summary(cfg: Config, guidance, gaussians, refs: torch.Tensor, views: list,
+                          bg: torch.Tensor) -> dict:
+    """Eq. 5 of the renders of `gaussians` at `views` under the guidance's current network against the STF of
+    `refs`: {"overall": {"mean", "std"}, "by_t": [...]} (`guidance.stf.aggregate_by_timestep`)."""
+    from gaussian_renderer import render
+    from guidance.stf import aggregate_by_timestep
+    from utils.ood_probe import encode_mean, matching_losses
+
+    e, backend = cfg.EvalParams, cfg.PipelineParams.backend
+    images = torch.stack([render(v, gaussians, bg, backend=backend)["render"] for v in views])
+    x0 = encode_mean(guidance, images.clamp(0, 1))
+    losses = matching_losses(guidance, x0, refs, e.probe_timesteps, guidance.embeddings["text"], cfg.seed)
+    return aggregate_by_timestep(losses, list(e.probe_timesteps))
+
+
 class TrainingMonitor:
     """Records metrics at `iterations`; a disabled monitor (metrics_interval 0) does nothing."""
 
@@ -98,20 +127,16 @@ class TrainingMonitor:
                 path.unlink()
             return cls()
         from utils.clip_eval import load_scorer, model_label
-        from utils.ood_probe import PROBE_CAMERA_OFFSET, cached_prior_latents
-        from utils.run_setup import background, make_sampler
+        from utils.run_setup import background
 
         check_eval_params(cfg)
 
-        c, guidance = cfg.GenerateCamParams, state["guidance"]
         with preserved_rng():
             scorer = None
             if e.clip_model.lower() != "none":  # first: missing weights fail before anything is sampled
                 pretrained = None if e.clip_pretrained.lower() in ("", "none") else e.clip_pretrained
                 scorer = (model_label(e.clip_model, pretrained), load_scorer(e.clip_model, pretrained, device))
-            refs = cached_prior_latents(run_dir(cfg) / "probe", guidance, e.probe_num_refs, cfg.seed, c.image_h,
-                                        c.image_w, e.probe_ddim_steps, "refs")
-            views = make_sampler(cfg, device, seed_offset=PROBE_CAMERA_OFFSET).next_views(e.probe_num_views)
+            refs, views = probe_inputs(cfg, state["guidance"], device)
         reset_metrics_file(path, start)
         return cls(path, iterations, cfg=cfg, refs=refs, views=views, scorer=scorer, bg=background(cfg, device))
 
@@ -135,20 +160,14 @@ class TrainingMonitor:
         return record
 
     def measure(self, iteration: int, state: dict) -> dict:
-        from gaussian_renderer import render
-        from guidance.stf import aggregate_by_timestep
         from utils.clip_eval import rig_images
-        from utils.ood_probe import encode_mean, matching_losses
 
         p, guidance, gaussians = self.parts, state["guidance"], state["gaussians"]
         cfg, e, backend = p["cfg"], p["cfg"].EvalParams, p["cfg"].PipelineParams.backend
         weight = None
         if state.get("tracer") is not None:  # the network of this iteration (idempotent re-apply)
             weight = state["tracer"].apply(guidance.unet, iteration)
-        images = torch.stack([render(v, gaussians, p["bg"], backend=backend)["render"] for v in p["views"]])
-        x0 = encode_mean(guidance, images.clamp(0, 1))
-        losses = matching_losses(guidance, x0, p["refs"], e.probe_timesteps, guidance.embeddings["text"], cfg.seed)
-        summary = aggregate_by_timestep(losses, list(e.probe_timesteps))
+        summary = matching_loss_summary(cfg, guidance, gaussians, p["refs"], p["views"], p["bg"])
         clip = {}
         if p["scorer"] is not None:
             label, scorer = p["scorer"]

@@ -1,0 +1,202 @@
+"""Run a benchmark: every (prompt, arm, seed) of a prompt list as an independent job, on Ray or one after another.
+
+    python batch.py --prompts FILE.txt|FILE.json:KEY --opt configs/x.yaml [Section.key=value ...]
+                    [--arms vanilla,ptd] [--arm NAME Section.key=value ...] [--seeds 0,1 | 0-4] [--out DIR]
+                    [--address auto|ray://HOST:10001 | --local] [--workers N] [--cpus-per-job N] [--gpus-per-job N]
+                    [--max-retries 3] [--clip-models NAME:PRETRAINED,...|tiny|none] [--clip-resolution 512]
+                    [--baseline ARM] [--limit N] [--list]
+
+Each job (utils/batch_jobs.py) runs form_path (PTD arms) + train + evaluate --matching-loss in its own workspace
+<out>/runs/<prompt>__<arm>__s<seed>__<config hash>. Jobs are Ray tasks (one GPU each when the cluster has GPUs, else
+--cpus-per-job CPUs) on the cluster at --address, or on a local Ray instance sized to this machine (--workers caps
+it); --local runs them one after another in this process, without Ray. A finished job (done marker) is skipped, an
+interrupted one resumes from its checkpoint (Ray retries a job whose stage was killed; a rerun of the same command
+resumes the rest), and a failing job is reported, never stops the batch. Arms: vanilla (PTDParams.mode=off, stock
+LucidDreamer), ptd (mode=weighted), ptd-checkpoints, or any `--arm NAME overrides...` (its overrides end at the next
+option; the batch-wide overrides go right after --opt). Writes <out>/results.csv, results.md (per job, the A/B
+summary, the paper's Table 1 beside it) and results.json. Exit code 0 when every job is done, 1 when some failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from arguments import Config, parse_cli, run_dir
+from utils.clip_score import PAPER_MODELS
+from utils.run_setup import RunError, run_entry
+
+
+def plan(cfg: Config, args: argparse.Namespace) -> tuple[Path, list]:
+    """The output folder and the job list."""
+    from utils.batch_jobs import make_jobs, parse_arms, parse_seeds
+    from utils.prompts import read_prompts
+
+    prompts = read_prompts(args.prompts, keep_empty=True)[:args.limit]
+    arms = parse_arms(args.arms, args.arm)
+    seeds = parse_seeds(args.seeds) if args.seeds else [cfg.seed]
+    if args.baseline is not None and args.baseline not in arms:
+        raise RunError(f"--baseline '{args.baseline}' is not one of the arms ({', '.join(arms)})")
+    out = Path(args.out) if args.out else run_dir(cfg).parent / f"batch_{Path(args.opt or 'defaults').stem}"
+    return out, make_jobs(cfg, prompts, arms, seeds, out / "runs")
+
+
+def one_line(err: BaseException) -> str:
+    """A Ray error (which carries the remote traceback) or any other error as one line."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def run_local(jobs: list, args: argparse.Namespace, threads: int, bar) -> dict:
+    """The jobs one after another in this process; an interrupted job is retried (resumed) up to --max-retries."""
+    from utils.batch_jobs import JobInterrupted, failed_row, run_job
+
+    rows = {}
+    for job in jobs:
+        bar.set_postfix(running=1, failed=sum(r["status"] == "failed" for r in rows.values()))
+        for attempt in range(args.max_retries + 1):
+            try:
+                rows[job.name] = run_job(job, args.clip_models, args.clip_resolution, threads)
+                break
+            except JobInterrupted as err:
+                rows[job.name] = failed_row(job, f"{err} (after {attempt + 1} attempts)")
+        bar.update(1)
+    return rows
+
+
+def start_ray(args: argparse.Namespace):
+    try:
+        import ray
+    except ImportError:
+        raise RunError("Ray is not installed; pip install '.[batch]' (or 'ray>=2.9'), or run with --local") from None
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        workers = args.workers * (args.cpus_per_job or 1) if args.workers else None
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def job_resources(cluster: dict, args: argparse.Namespace) -> tuple[int, int]:
+    """(CPUs, GPUs) of one job: one GPU each when the cluster has GPUs, unless --gpus-per-job says otherwise."""
+    gpus = args.gpus_per_job if args.gpus_per_job is not None else int(cluster.get("GPU", 0) >= 1)
+    cpus = args.cpus_per_job or 1
+    if gpus > cluster.get("GPU", 0) or cpus > cluster.get("CPU", 0):
+        raise RunError(f"a job asks for {cpus} CPUs and {gpus} GPUs but the Ray cluster has {cluster.get('CPU', 0):g} "
+                       f"CPUs and {cluster.get('GPU', 0):g} GPUs; lower --cpus-per-job/--gpus-per-job")
+    return cpus, gpus
+
+
+def run_ray(jobs: list, args: argparse.Namespace, runs_root: Path, bar) -> dict:
+    """The jobs as Ray tasks; Ray retries a task whose stage was killed (JobInterrupted) or whose worker died."""
+    from utils.batch_jobs import JobInterrupted, failed_row, run_job, running_jobs
+
+    ray = start_ray(args)
+    try:
+        cpus, gpus = job_resources(ray.cluster_resources(), args)
+        task = ray.remote(run_job).options(num_cpus=cpus, num_gpus=gpus, max_retries=args.max_retries,
+                                           retry_exceptions=[JobInterrupted])
+        started = time.time()
+        pending = {task.remote(job, args.clip_models, args.clip_resolution, cpus): job for job in jobs}
+        rows, shown = {}, None
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    rows[job.name] = ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - retries exhausted, worker or node lost: the job failed
+                    rows[job.name] = failed_row(job, one_line(err))
+            bar.update(len(ready))
+            counts = {"running": running_jobs(list(pending.values()), runs_root, started),
+                      "failed": sum(r["status"] == "failed" for r in rows.values())}
+            if counts != shown:
+                bar.set_postfix(counts)
+                shown = counts
+        return rows
+    finally:
+        ray.shutdown()
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from utils.batch_jobs import done_row
+    from utils.batch_report import summarize, write_results
+
+    out, jobs = plan(cfg, args)
+    runs_root = out / "runs"
+    finished = {job.name: row for job in jobs if (row := done_row(job, runs_root))}
+    todo = [job for job in jobs if job.name not in finished]
+    arms = list(dict.fromkeys(job.arm for job in jobs))
+    print(f"batch: {len(jobs)} jobs ({len({j.prompt for j in jobs})} prompts x {len(arms)} arms x "
+          f"{len({j.seed for j in jobs})} seeds) in {out}; {len(finished)} done before, {len(todo)} to run"
+          + ("" if not todo else " (locally, one at a time)" if args.local else " on Ray"))
+    if args.list:
+        for job in jobs:
+            print(f"{'done' if job.name in finished else 'todo'}  {job.name}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    rows = dict(finished)
+    if todo:
+        threads = args.cpus_per_job or (os.cpu_count() or 1 if args.local else 1)
+        with tqdm(total=len(todo), desc="batch", unit="job", file=sys.stderr) as bar:
+            try:
+                rows.update(run_local(todo, args, threads, bar) if args.local else run_ray(todo, args, runs_root, bar))
+            except KeyboardInterrupt:
+                print(f"\ninterrupted; rerun the same command to resume ({out})", file=sys.stderr)
+                raise
+    ordered = [rows[job.name] for job in jobs]
+    summary = summarize(ordered, arms, args.baseline)
+    header = [f"# Batch results: {len(jobs)} jobs", "",
+              f"config: {args.opt} {' '.join(args.overrides)}".rstrip() + f"; arms: {', '.join(arms)}; written "
+              f"{time.strftime('%Y-%m-%d %H:%M')}; CLIP: {args.clip_models}, {args.clip_resolution} px"]
+    write_results(out, ordered, summary, header)
+    failed = [row for row in ordered if row["status"] != "done"]
+    print(f"results: {out / 'results.md'} (+ results.csv, results.json); {len(ordered) - len(failed)} done, "
+          f"{len(failed)} failed")
+    for row in failed:
+        print(f"failed: {row['job']}: {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="run a prompt list x arms x seeds as independent jobs (Ray)")
+    parser.add_argument("--prompts", required=True, help="FILE.txt (one per line) or FILE.json:KEY (threestudio's "
+                        "load/prompt_library.json:dreamfusion: the paper's 415)")
+    parser.add_argument("--arms", default=None, help="comma-separated arms (default vanilla,ptd)")
+    parser.add_argument("--arm", nargs="+", action="append", metavar="NAME_OR_OVERRIDE",
+                        help="define an arm: NAME Section.key=value ...")
+    parser.add_argument("--seeds", default=None, help="e.g. 0,1,2 or 0-4 (default: the config's seed)")
+    parser.add_argument("--out", default=None, help="batch folder (default <output_root>/batch_<config name>)")
+    parser.add_argument("--address", default=None, help="an existing Ray cluster ('auto' or ray://HOST:10001); "
+                        "default: a local Ray instance")
+    parser.add_argument("--local", action="store_true", help="no Ray: run the jobs one after another here")
+    parser.add_argument("--workers", type=int, default=None, help="local Ray instance: at most N jobs at once")
+    parser.add_argument("--cpus-per-job", type=int, default=None,
+                        help="CPUs (and torch threads) per job (default 1 on Ray, all cores with --local)")
+    parser.add_argument("--gpus-per-job", type=int, default=None, help="default 1 when the cluster has GPUs, else 0")
+    parser.add_argument("--max-retries", type=int, default=3, help="retries of a job whose stage was killed")
+    parser.add_argument("--clip-models", default=None, help="NAME:PRETRAINED,... (default the paper's ViT-L/14 and "
+                        "ViT-bigG-14), 'tiny' (offline toy scorer) or 'none'")
+    parser.add_argument("--clip-resolution", type=int, default=512, help="render size of the 16 CLIP views")
+    parser.add_argument("--baseline", default=None, help="arm the others are compared with (default the first)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    parser.add_argument("--list", action="store_true", help="list the jobs and whether they are done; run nothing")
+    cfg, args = parse_cli(argv, parser)
+    if args.local and args.address:
+        parser.error("--local runs without Ray; drop --address")
+    if min(v for v in (args.workers, args.cpus_per_job, args.limit, 1) if v is not None) < 1 or \
+            args.max_retries < 0 or (args.gpus_per_job or 0) < 0:
+        parser.error("--workers, --cpus-per-job and --limit must be >= 1; --max-retries and --gpus-per-job >= 0")
+    args.clip_models = args.clip_models or ",".join(f"{n}:{p}" for n, p in PAPER_MODELS)
+    status: list[int] = []
+    code = run_entry(lambda: status.append(main(cfg, args)))
+    return code or (status[0] if status else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,286 @@
+"""batch.py: the job list, one job's stages, the results and the A/B summary (fast), then whole batches on a local
+Ray instance with 2 workers and with --local (slow): all jobs finish, a second invocation skips them, a job whose
+stage is killed is retried by Ray and ends equal to an uninterrupted one, a failing prompt is reported while the
+others finish."""
+import csv
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import batch
+from arguments import load_config
+from test_end_to_end import ROOT, SMOKE, TINY_RUN
+from utils import batch_jobs as bj
+from utils.batch_report import paper_markdown, results_csv, summarize
+
+# 24 iterations with a checkpoint every 4: long enough to kill a job mid-way
+JOB_RUN = [*TINY_RUN, "OptimizationParams.iterations=24", "OptimizationParams.checkpoint_interval=4", "save_video=false",
+           "EvalParams.probe_num_refs=4", "EvalParams.probe_ddim_steps=3", "EvalParams.probe_num_views=2"]
+PROMPTS = ["a DSLR photo of a hamburger", "a wooden chair", "a red apple"]
+
+
+def batch_argv(out: Path, prompts: Path, *extra: str, overrides: tuple = ()) -> list[str]:
+    return ["--opt", str(SMOKE), *JOB_RUN, *overrides, "--prompts", str(prompts), "--out", str(out), "--clip-models", "tiny",
+            "--clip-resolution", "32", *extra]
+
+
+def run_batch(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "batch.py"), *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+
+
+def rows_of(out: Path) -> list[dict]:
+    with open(out / "results.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def job_dir(out: Path, prompt: str, arm: str) -> Path:
+    (folder,) = (out / "runs").glob(f"{bj.slugify(prompt, 40)}__{arm}__s0__*")
+    return folder
+
+
+def final_ply(folder: Path) -> bytes:
+    return (folder / "point_cloud" / "iteration_24" / "point_cloud.ply").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------- the job list
+def test_parse_arms():
+    assert bj.parse_arms(None) == {"vanilla": ("PTDParams.mode=off",), "ptd": ("PTDParams.mode=weighted",)}
+    arms = bj.parse_arms("vanilla,fast", [["fast", "PTDParams.mode=weighted", "PTDParams.total_steps=500"]])
+    assert arms == {"vanilla": ("PTDParams.mode=off",),
+                    "fast": ("PTDParams.mode=weighted", "PTDParams.total_steps=500")}
+    assert list(bj.parse_arms(None, [["a", "seed=1"], ["b", "seed=2"]])) == ["a", "b"]  # --arm alone picks its arms
+    for names, custom, message in (("vanila", None, "not defined"), ("ptd,ptd", None, "each arm once"),
+                                   (None, [["bad/name", "seed=1"]], "names folders"),
+                                   (None, [["lonely"]], "overrides after the name")):
+        with pytest.raises(ValueError, match=message):
+            bj.parse_arms(names, custom)
+
+
+def test_parse_seeds():
+    assert bj.parse_seeds("2,0,1") == [0, 1, 2]
+    assert bj.parse_seeds("0-3,7,3") == [0, 1, 2, 3, 7]
+    for bad in ("3-1", "a", "1,,2", "-1"):
+        with pytest.raises(ValueError, match="--seeds"):
+            bj.parse_seeds(bad)
+
+
+def test_make_jobs_names_follow_the_inputs(tmp_path):
+    base = load_config(SMOKE)
+    arms = bj.parse_arms("vanilla,ptd")
+    jobs = bj.make_jobs(base, ["a cat", "a dog", "a cat"], arms, [0, 1], tmp_path / "runs")
+    assert [(j.prompt, j.arm, j.seed) for j in jobs] == [(p, a, s) for p in ("a cat", "a dog") for a in arms
+                                                        for s in (0, 1)]  # the repeated prompt adds no job
+    assert len({j.name for j in jobs}) == len(jobs) == len({j.key for j in jobs})
+    again = bj.make_jobs(load_config(SMOKE), ["a cat", "a dog"], arms, [0, 1], tmp_path / "elsewhere")
+    assert [j.name for j in again] == [j.name for j in jobs]  # deterministic, and independent of where it is written
+    cfg = bj.config_from_dict(jobs[3].config)  # a cat, ptd, seed 1
+    assert (cfg.GuidanceParams.text, cfg.seed, cfg.PTDParams.mode) == ("a cat", 1, "weighted")
+    assert bj.run_dir(cfg) == tmp_path / "runs" / jobs[3].name and jobs[3].name.startswith("a_cat__ptd__s1__")
+    assert base.GuidanceParams.text == load_config(SMOKE).GuidanceParams.text  # the base config is not touched
+    changed = bj.make_jobs(load_config(SMOKE, ["GuidanceParams.guidance_scale=5"]), ["a cat"], arms, [0], tmp_path)
+    assert not {j.key for j in changed} & {j.key for j in jobs}  # any config change is a new job
+    with pytest.raises(ValueError, match="path_lora"):
+        bj.make_jobs(load_config(SMOKE, ["PTDParams.path_lora=/x"]), ["a cat"], arms, [0], tmp_path)
+
+
+def test_done_row_needs_the_same_config(tmp_path):
+    (job,) = bj.make_jobs(load_config(SMOKE), ["a cat"], bj.parse_arms("vanilla"), [0], tmp_path)
+    assert bj.done_row(job, tmp_path) is None
+    marker = tmp_path / job.name / bj.DONE_MARKER
+    marker.parent.mkdir()
+    marker.write_text(json.dumps({"key": "another config", "status": "done"}))
+    assert bj.done_row(job, tmp_path) is None
+    marker.write_text(json.dumps({"key": job.key, "status": "done", "wall_s": 1.0}))
+    assert bj.done_row(job, tmp_path)["wall_s"] == 1.0
+    marker.write_text('{"key": "torn')
+    assert bj.done_row(job, tmp_path) is None
+
+
+def test_run_stage_tells_failures_from_interruptions(tmp_path, monkeypatch):
+    stages = {"ok_stage": "print('fine')",
+              "bad_stage": "import sys; print('error: the prompt is empty; set it', file=sys.stderr); sys.exit(1)",
+              "crash_stage": "raise RuntimeError('boom')",
+              "killed_stage": "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"}
+    for name, code in stages.items():
+        (tmp_path / f"{name}.py").write_text(code + "\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    log, pids = tmp_path / "job.log", []
+    bj.run_stage(["ok_stage"], log, 1, pids.append)
+    assert "fine" in log.read_text() and len(pids) == 1
+    with pytest.raises(bj.JobFailed, match=r"^bad_stage: the prompt is empty; set it$"):
+        bj.run_stage(["bad_stage"], log, 1, pids.append)
+    with pytest.raises(bj.JobFailed, match="crash_stage: exited with code 1"):
+        bj.run_stage(["crash_stage"], log, 1, pids.append)
+    with pytest.raises(bj.JobInterrupted, match="killed_stage was stopped"):
+        bj.run_stage(["killed_stage"], log, 1, pids.append)
+    assert "RuntimeError: boom" in log.read_text() and len(pids) == 4
+
+
+# ------------------------------------------------------------------------------------------------- results
+def row(prompt, arm, status="done", clip=None, matching=None, wall=None):
+    return {"prompt": prompt, "arm": arm, "seed": 0, "status": status, "clip": clip or {}, "matching_loss": matching,
+            "wall_s": wall}
+
+
+def test_summarize_pairs_by_prompt_against_hand_computation():
+    rows = [row("p1", "vanilla", clip={"L": 20.0}, matching=1.5, wall=100.0),
+            row("p1", "ptd", clip={"L": 23.0}, matching=1.2, wall=110.0),
+            row("p2", "vanilla", clip={"L": 25.0}, matching=1.0, wall=90.0),
+            row("p2", "ptd", clip={"L": 24.0}, matching=0.9, wall=95.0),
+            row("p3", "vanilla", clip={"L": 30.0}, matching=2.0, wall=80.0),
+            row("p3", "ptd", status="failed")]
+    s = summarize(rows, ["vanilla", "ptd"])
+    assert s["pairs"] == 2 and s["baseline"] == "vanilla"  # p3 left out of both arms
+    assert s["per_arm"]["vanilla"] == {"done": 3, "failed": 0, "pairs": 2, "L": 22.5, "matching_loss": 1.25,
+                                       "wall_s": 95.0}
+    assert s["per_arm"]["ptd"]["failed"] == 1 and s["per_arm"]["ptd"]["L"] == 23.5
+    clip = s["versus_baseline"]["ptd"]["L"]
+    assert clip["mean_diff"] == pytest.approx(1.0)  # (+3, -1)
+    assert clip["se"] == pytest.approx(statistics.stdev([3.0, -1.0]) / math.sqrt(2))
+    assert clip["wins"] == 1 and clip["n"] == 2
+    assert s["versus_baseline"]["ptd"]["matching_loss"]["wins"] == 2  # lower is better
+    assert s["versus_baseline"]["ptd"]["wall_s"]["wins"] == 0 and "vanilla" not in s["versus_baseline"]
+    assert summarize(rows, ["vanilla", "ptd"], baseline="ptd")["versus_baseline"]["vanilla"]["L"]["mean_diff"] == \
+        pytest.approx(-1.0)
+
+
+def test_results_tables_put_paper_models_in_the_paper_columns():
+    labels = {"ViT-L-14:openai": 26.0, "ViT-bigG-14:laion2b_s39b_b160k": 41.0}
+    full = {"job": "j", "key": "k", "workspace": "w", "attempts": 1, "host": "h", "error": None,
+            "matching_loss_std": 0.1, "num_points": 5, "stage1_loss_prior": None, "stage1_loss_path": None,
+            "stage_s": {"train": 3.0, "evaluate": 1.0}}
+    rows = [{**full, **row("p", "vanilla", clip=labels, matching=1.0, wall=4.0)},
+            {**full, **row("p", "ptd", status="failed"), "error": "train: boom", "stage_s": {}}]
+    text = "\n".join(paper_markdown(summarize(rows, ["vanilla", "ptd"])))
+    assert "| vanilla (ours) | - | - |" in text  # no finished pair: no mean
+    rows[1] = {**full, **row("p", "ptd", clip={k: v + 1 for k, v in labels.items()}, matching=0.5, wall=5.0)}
+    text = "\n".join(paper_markdown(summarize(rows, ["vanilla", "ptd"])))
+    assert "| ptd (ours) | 27.00 | 42.00 | this batch, 1 pairs |" in text and "| LucidDreamer | 25.99 | 40.27 |" in text
+    parsed = list(csv.DictReader(results_csv(rows).splitlines()))
+    assert [r["arm"] for r in parsed] == ["vanilla", "ptd"] and parsed[1]["clip ViT-L-14:openai"] == "27.0"
+    assert parsed[0]["train_s"] == "3.0" and parsed[0]["form_path_s"] == ""
+
+
+# ------------------------------------------------------------------------------------------------- command line
+def test_bad_input_is_one_line(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    for extra, overrides, message in ((["--arms", "vanila"], (), "arm 'vanila' is not defined"),
+                                      (["--baseline", "nope"], (), "--baseline 'nope' is not one of the arms"),
+                                      ([], ("PTDParams.path_lora=/x",), "PTDParams.path_lora is set")):
+        assert batch.cli(batch_argv(tmp_path / "out", prompts, *extra, overrides=overrides)) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
+    assert batch.cli(batch_argv(tmp_path / "out", tmp_path / "missing.txt")) == 1
+    assert "missing.txt' not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_list_runs_nothing(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    assert batch.cli(batch_argv(tmp_path / "out", prompts, "--list")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
+    assert len(lines) == 4 and not (tmp_path / "out").exists()
+
+
+def test_without_ray_it_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(batch.RunError, match=r"pip install '\.\[batch\]'.*--local"):
+        batch.start_ray(batch.argparse.Namespace(address=None, workers=2, cpus_per_job=1))
+
+
+# ------------------------------------------------------------------------------------------------- whole batches
+@pytest.fixture(scope="module")
+def batch_a(tmp_path_factory):
+    """3 prompts x vanilla,ptd on a local Ray instance with 2 workers."""
+    tmp = tmp_path_factory.mktemp("batch_a")
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    argv = batch_argv(tmp / "out", prompts, "--workers", "2")
+    proc = run_batch(*argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out", argv, proc
+
+
+@pytest.mark.slow
+def test_ray_batch_finishes_every_job(batch_a):
+    out, _, proc = batch_a
+    assert "6 jobs (3 prompts x 2 arms x 1 seeds)" in proc.stdout and "6 done, 0 failed" in proc.stdout
+    rows = rows_of(out)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"done"}
+    assert [(r["prompt"], r["arm"]) for r in rows] == [(p, a) for p in PROMPTS for a in ("vanilla", "ptd")]
+    for r in rows:
+        folder = Path(r["workspace"])
+        assert math.isfinite(float(r["clip tiny"])) and float(r["matching_loss"]) > 0
+        assert float(r["train_s"]) > 0 and r["attempts"] == "1" and (folder / bj.DONE_MARKER).is_file()
+        assert final_ply(folder)
+        assert (folder / "path_lora").is_dir() == (r["arm"] == "ptd") == (r["form_path_s"] != "")
+    text = (out / "results.md").read_text()
+    assert "## A/B summary: 2 arms on the 3 (prompt, seed) pairs" in text and "| PTD (paper) | 27.16 | 42.36 |" in text
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert summary["per_arm"]["ptd"]["tiny"] == pytest.approx(
+        statistics.mean(float(r["clip tiny"]) for r in rows if r["arm"] == "ptd"))
+
+
+@pytest.mark.slow
+def test_second_invocation_skips_finished_jobs(batch_a):
+    out, argv, _ = batch_a
+    outputs = sorted((out / "runs").glob("*/point_cloud/iteration_24/point_cloud.ply"))
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    table = (out / "results.csv").read_text()
+    proc = run_batch(*argv)
+    assert proc.returncode == 0 and "6 done before, 0 to run" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before and len(before) == 6
+    assert (out / "results.csv").read_text() == table
+
+
+@pytest.mark.slow
+def test_killed_job_is_retried_and_ends_equal_and_bad_prompt_fails(batch_a, tmp_path):
+    reference = job_dir(batch_a[0], PROMPTS[0], "ptd")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([PROMPTS[0], ""]))  # the empty prompt is a job, which fails
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "batch.py"),
+                             *batch_argv(out, prompts, "--arms", "ptd", "--workers", "2")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    folder = out / "runs" / reference.name  # the same inputs: the same workspace name
+    deadline = time.time() + 600
+    while not (folder / "checkpoints" / "iteration_000008.pt").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the job never reached its checkpoint at 8"
+        time.sleep(0.05)
+    status = json.loads((folder / bj.STATUS_FILE).read_text())
+    assert status["stage"] == "train" and status["attempts"] == 1
+    os.kill(status["stage_pid"], signal.SIGKILL)  # the stage dies mid-way, as on a pre-empted machine
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, output[-3000:]  # one job failed
+    rows = {r["prompt"]: r for r in rows_of(out)}
+    assert rows[PROMPTS[0]]["status"] == "done" and rows[PROMPTS[0]]["attempts"] == "2"
+    assert rows[""]["status"] == "failed" and "GuidanceParams.text is empty" in rows[""]["error"]
+    log = (folder / bj.LOG_FILE).read_text()
+    assert log.count("python -m train") == 2 and "--resume" in log.split("python -m train")[2]
+    assert final_ply(folder) == final_ply(reference)
+    done, ref = (json.loads((f / bj.DONE_MARKER).read_text()) for f in (folder, reference))
+    assert (done["clip"], done["matching_loss"]) == (ref["clip"], ref["matching_loss"])
+
+
+@pytest.mark.slow
+def test_local_runs_the_same_job_without_ray(batch_a, tmp_path):
+    reference = job_dir(batch_a[0], PROMPTS[1], "vanilla")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[1] + "\n")
+    proc = run_batch(*batch_argv(tmp_path / "out", prompts, "--arms", "vanilla", "--local", "--cpus-per-job", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "out" / "runs" / reference.name
+    assert final_ply(folder) == final_ply(reference)
+    done, ref = (json.loads((f / bj.DONE_MARKER).read_text()) for f in (folder, reference))
+    assert (done["clip"], done["matching_loss"]) == (ref["clip"], ref["matching_loss"])
