@@ -63,6 +63,9 @@ def run_local(jobs: list, args: argparse.Namespace, threads: int, bar) -> dict:
                 break
             except JobInterrupted as err:
                 rows[job.name] = failed_row(job, f"{err} (after {attempt + 1} attempts)")
+            except Exception as err:  # noqa: BLE001 - e.g. the disk filled up: this job failed, the batch goes on
+                rows[job.name] = failed_row(job, one_line(err))
+                break
         bar.update(1)
     return rows
 
@@ -142,7 +145,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = dict(finished)
     if todo:
-        threads = args.cpus_per_job or (os.cpu_count() or 1 if args.local else 1)
+        threads = args.cpus_per_job or os.cpu_count() or 1  # --local; on Ray a job's threads are its CPUs
         with tqdm(total=len(todo), desc="batch", unit="job", file=sys.stderr) as bar:
             try:
                 rows.update(run_local(todo, args, threads, bar) if args.local else run_ray(todo, args, runs_root, bar))

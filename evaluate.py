@@ -134,9 +134,12 @@ def markdown(report: dict) -> str:
              "|---|---|" + "---|" * (len(labels) + matching)]
     for r in report["rows"]:
         cells = [f"{r['scores'][m]['mean']:.2f}" for m in labels]
-        cells += [f"{r['matching_loss']['mean']:.4f} ± {r['matching_loss']['std']:.4f}"] * matching
+        if matching:
+            cells.append(f"{r['matching_loss']['mean']:.4f} ± {r['matching_loss']['std']:.4f}")
         lines.append(f"| {r['run']} | {r['prompt']} | " + " | ".join(cells) + " |")
-    cells = [f"**{report['overall'][m]:.2f}**" for m in labels] + [f"**{report['overall'][MATCHING]:.4f}**"] * matching
+    cells = [f"**{report['overall'][m]:.2f}**" for m in labels]
+    if matching:
+        cells.append(f"**{report['overall'][MATCHING]:.4f}**")
     lines.append("| **overall** | mean over runs | " + " | ".join(cells) + " |")
     if matching:
         lines.append("\nmatching loss: Eq. 5 of the final model's renders under the prior against its Stable Target "
@@ -174,9 +177,10 @@ def evaluate_runs(args: argparse.Namespace) -> dict:
     rows = []
     for run, cfg, ply in ready:
         rows.append(score_run(run, cfg, ply, scorers, args.resolution, device, args.backend, args.matching_loss))
-        print(f"{run.name}: " + ", ".join([f"{m} {s['mean']:.2f}" for m, s in rows[-1]["scores"].items()] +
-                                          [f"matching loss {rows[-1]['matching_loss']['mean']:.4f}"] *
-                                          args.matching_loss))
+        parts = [f"{m} {s['mean']:.2f}" for m, s in rows[-1]["scores"].items()]
+        if args.matching_loss:
+            parts.append(f"matching loss {rows[-1]['matching_loss']['mean']:.4f}")
+        print(f"{run.name}: " + ", ".join(parts))
     labels = list(scorers)
     report = {"models": labels, "resolution": args.resolution, "rows": rows, "overall": aggregate(rows, labels),
               "unfinished": unfinished, "missing_prompts": missing_prompts}

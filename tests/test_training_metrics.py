@@ -142,3 +142,17 @@ def test_preserved_rng_restores_every_stream():
     random.seed(5)
     np.random.seed(5)
     assert after == (torch.rand(1).item(), random.random(), np.random.rand())
+
+
+@pytest.mark.parametrize("arm", ["ptd", "vanilla"])
+def test_evaluate_matching_loss_of_the_final_ply_equals_the_last_record(runs, arm, tmp_path):
+    """Two paths to one number: the monitor on the live Gaussians at the last iteration (w = 0 there, so the prior
+    in both arms) and evaluate.py --matching-loss on the PLY read back from disk."""
+    last = runs[arm]["records"][-1]
+    assert last["iteration"] == 8 and last["ptd_weight"] in (None, 0.0)
+    assert evaluate.cli([str(runs["root"] / arm), "--clip-models", "none", "--matching-loss", "--out",
+                         str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "clip_scores.json").read_text())["rows"]
+    assert row["matching_loss"]["mean"] == pytest.approx(last["matching_loss"], rel=1e-6)
+    assert row["matching_loss"]["by_t"] == pytest.approx(last["matching_loss_by_t"], rel=1e-6)
+    assert row["scores"] == {} and "matching loss" in (tmp_path / "clip_scores.md").read_text()

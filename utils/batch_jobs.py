@@ -215,6 +215,7 @@ def run_job(job: Job, clip_models: str = "tiny", clip_resolution: int = 512, thr
     folder.mkdir(parents=True, exist_ok=True)
     status_path = folder / STATUS_FILE
     status = read_json(status_path) or {}
+    wait_for_stage_exit(status)
     status.update(job=job.name, key=job.key, state="running", attempts=status.get("attempts", 0) + 1,
                   host=socket.gethostname(), pid=os.getpid(), started=time.time(), error=None)
     stages = status.setdefault("stages", {})
@@ -245,6 +246,21 @@ def run_job(job: Job, clip_models: str = "tiny", clip_resolution: int = 512, thr
     write_json_atomic(folder / DONE_MARKER, row)
     update(state="done", finished=time.time())
     return row
+
+
+def wait_for_stage_exit(status: dict, timeout: float = 120.0) -> None:
+    """When the previous attempt's process died on this host while a stage ran, that stage got SIGINT (train
+    checkpoints, then exits): wait until it is gone, so that the retry resumes from its last checkpoint."""
+    pid = status.get("stage_pid")
+    if not pid or status.get("host") != socket.gethostname():
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.5)
 
 
 def result_row(job: Job, folder: Path, status: dict) -> dict:
