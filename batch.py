@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from arguments import Config, parse_cli, run_dir
+from utils.clip_eval import parse_clip_models
 from utils.clip_score import PAPER_MODELS
-from utils.run_setup import RunError, run_entry
+from utils.run_setup import RunError, check_writable, run_entry
 
 
 def plan(cfg: Config, args: argparse.Namespace) -> tuple[Path, list]:
@@ -40,6 +41,8 @@ def plan(cfg: Config, args: argparse.Namespace) -> tuple[Path, list]:
     if args.baseline is not None and args.baseline not in arms:
         raise RunError(f"--baseline '{args.baseline}' is not one of the arms ({', '.join(arms)})")
     out = Path(args.out) if args.out else run_dir(cfg).parent / f"batch_{Path(args.opt or 'defaults').stem}"
+    out = out.resolve()  # Ray workers on other nodes do not start in this folder
+    check_writable(out)
     return out, make_jobs(cfg, prompts, arms, seeds, out / "runs")
 
 
@@ -75,11 +78,15 @@ def start_ray(args: argparse.Namespace):
         import ray
     except ImportError:
         raise RunError("Ray is not installed; pip install '.[batch]' (or 'ray>=2.9'), or run with --local") from None
-    if args.address:
-        ray.init(address=args.address, log_to_driver=False)
-    else:
-        workers = args.workers * (args.cpus_per_job or 1) if args.workers else None
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False)
+        else:  # a new instance, even when RAY_ADDRESS or a `ray start` cluster exists on this machine
+            workers = args.workers * (args.cpus_per_job or 1) if args.workers else None
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    except ConnectionError as err:
+        raise RunError(f"cannot reach the Ray cluster at --address {args.address} ({err}); start it with `ray start` "
+                       f"or drop --address for a local instance") from None
     return ray
 
 
@@ -142,7 +149,6 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         for job in jobs:
             print(f"{'done' if job.name in finished else 'todo'}  {job.name}")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
     rows = dict(finished)
     if todo:
         threads = args.cpus_per_job or os.cpu_count() or 1  # --local; on Ray a job's threads are its CPUs
@@ -195,7 +201,15 @@ def cli(argv=None) -> int:
     if min(v for v in (args.workers, args.cpus_per_job, args.limit, 1) if v is not None) < 1 or \
             args.max_retries < 0 or (args.gpus_per_job or 0) < 0:
         parser.error("--workers, --cpus-per-job and --limit must be >= 1; --max-retries and --gpus-per-job >= 0")
+    if (args.local or args.address) and args.workers:
+        parser.error("--workers sizes the local Ray instance; it has no effect with --local or --address")
+    if args.clip_resolution < 1:
+        parser.error("--clip-resolution must be >= 1 (the paper's protocol: 512)")
     args.clip_models = args.clip_models or ",".join(f"{n}:{p}" for n, p in PAPER_MODELS)
+    try:  # checked now, not after hours of training
+        parse_clip_models(args.clip_models)
+    except ValueError as err:
+        parser.error(str(err))
     status: list[int] = []
     code = run_entry(lambda: status.append(main(cfg, args)))
     return code or (status[0] if status else 1)

@@ -90,6 +90,9 @@ def test_make_jobs_names_follow_the_inputs(tmp_path):
     assert not {j.key for j in changed} & {j.key for j in jobs}  # any config change is a new job
     with pytest.raises(ValueError, match="path_lora"):
         bj.make_jobs(load_config(SMOKE, ["PTDParams.path_lora=/x"]), ["a cat"], arms, [0], tmp_path)
+    with pytest.raises(ValueError, match="arm fixed"):  # an arm's own path LoRA would be overwritten by every job
+        bj.make_jobs(load_config(SMOKE), ["a cat"], bj.parse_arms(None, [["fixed", "PTDParams.path_lora=/x"]]), [0],
+                     tmp_path)
 
 
 def test_done_row_needs_the_same_config(tmp_path):
@@ -123,6 +126,24 @@ def test_run_stage_tells_failures_from_interruptions(tmp_path, monkeypatch):
     with pytest.raises(bj.JobInterrupted, match="killed_stage was stopped"):
         bj.run_stage(["killed_stage"], log, 1, pids.append)
     assert "RuntimeError: boom" in log.read_text() and len(pids) == 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_stage_can_be_interrupted_where_ray_blocks_sigint(tmp_path, monkeypatch):
+    """Ray blocks SIGINT in its workers and the mask survives exec: the stage must get it unblocked, or the SIGINT
+    it receives when its job's process dies (train's checkpoint-and-exit) would wait forever."""
+    (tmp_path / "mask_stage.py").write_text(
+        "import signal\nprint('SIGINT blocked:', signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))\n"
+        "print('handler:', signal.getsignal(signal.SIGINT))\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    log = tmp_path / "job.log"
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        bj.run_stage(["mask_stage"], log, 1, lambda pid: None)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    text = log.read_text()
+    assert "SIGINT blocked: False" in text and "default_int_handler" in text
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -255,8 +276,8 @@ def test_killed_job_is_retried_and_ends_equal_and_bad_prompt_fails(batch_a, tmp_
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     folder = out / "runs" / reference.name  # the same inputs: the same workspace name
     deadline = time.time() + 600
-    while not (folder / "checkpoints" / "iteration_000008.pt").is_file():
-        assert proc.poll() is None and time.time() < deadline, "the job never reached its checkpoint at 8"
+    while not any((folder / "checkpoints").glob("iteration_*.pt")):
+        assert proc.poll() is None and time.time() < deadline, "the job never reached a stage-2 checkpoint"
         time.sleep(0.05)
     status = json.loads((folder / bj.STATUS_FILE).read_text())
     assert status["stage"] == "train" and status["attempts"] == 1

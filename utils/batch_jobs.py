@@ -120,9 +120,6 @@ def job_name(prompt: str, arm: str, seed: int, key: str) -> str:
 def make_jobs(base: Config, prompts: list[str], arms: dict[str, tuple[str, ...]], seeds: list[int],
               runs_root: Path) -> list[Job]:
     """One job per (prompt, arm, seed), in that nesting order; a repeated prompt gives no second job."""
-    if base.PTDParams.path_lora:
-        raise ValueError(f"PTDParams.path_lora is set ('{base.PTDParams.path_lora}'); every batch job forms its own "
-                         f"path: remove it from the config")
     jobs: dict[str, Job] = {}
     for prompt in prompts:
         for arm, overrides in arms.items():
@@ -130,6 +127,9 @@ def make_jobs(base: Config, prompts: list[str], arms: dict[str, tuple[str, ...]]
                 cfg = copy.deepcopy(base)
                 for override in overrides:
                     apply_override(cfg, override)
+                if cfg.PTDParams.path_lora:
+                    raise ValueError(f"PTDParams.path_lora is set ('{cfg.PTDParams.path_lora}', arm {arm}); every "
+                                     f"batch job forms its own path: remove it from the config and the arm")
                 cfg.seed, cfg.GuidanceParams.text = seed, prompt
                 key = config_key(cfg)
                 name = job_name(prompt, arm, seed, key)
@@ -170,11 +170,19 @@ def job_stages(cfg: Config) -> list[str]:
     return (["form_path"] if cfg.PTDParams.mode != "off" else []) + ["train", "evaluate"]
 
 
-def _stop_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the stage gets SIGINT when the job's process dies (train then checkpoints and exits), never orphaned."""
+def stop_with_parent() -> Callable[[], None]:
+    """A pre-exec hook (Linux): the stage gets SIGINT when the job's process dies (train then checkpoints and exits),
+    never orphaned. Ray blocks SIGINT in its processes and the mask survives exec: the hook unblocks it and restores
+    its default action. libc is resolved here, in the parent, not between fork and exec."""
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # 1 = PR_SET_PDEATHSIG
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def hook() -> None:  # pragma: no cover - runs in the child between fork and exec
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        prctl(1, signal.SIGINT)  # 1 = PR_SET_PDEATHSIG
+    return hook
 
 
 def error_line(text: str) -> str | None:
@@ -193,7 +201,7 @@ def run_stage(argv: list[str], log_path: Path, threads: int, on_start: Callable[
         log.flush()
         start = log.tell()
         proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
+                                preexec_fn=stop_with_parent() if sys.platform.startswith("linux") else None)
         on_start(proc.pid)
         code = proc.wait()
     if code == 0:
@@ -261,6 +269,13 @@ def wait_for_stage_exit(status: dict, timeout: float = 120.0) -> None:
         except (ProcessLookupError, PermissionError):
             return
         time.sleep(0.5)
+    try:  # still there: stop it if it is this job's stage (not a reused pid), so two never share the workspace
+        if JOB_CONFIG in Path(f"/proc/{pid}/cmdline").read_text() and status.get("job", "") in \
+                Path(f"/proc/{pid}/cmdline").read_text():
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(1.0)
+    except OSError:
+        return
 
 
 def result_row(job: Job, folder: Path, status: dict) -> dict:
