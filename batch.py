@@ -134,12 +134,13 @@ def run_ray(jobs: list, args: argparse.Namespace, runs_root: Path, bar) -> dict:
 def main(cfg: Config, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from utils.batch_jobs import done_row
+    from utils.batch_jobs import done_row, evaluation_settings
     from utils.batch_report import summarize, write_results
 
     out, jobs = plan(cfg, args)
     runs_root = out / "runs"
-    finished = {job.name: row for job in jobs if (row := done_row(job, runs_root))}
+    evaluation = evaluation_settings(args.clip_models, args.clip_resolution)
+    finished = {job.name: row for job in jobs if (row := done_row(job, runs_root, evaluation))}
     todo = [job for job in jobs if job.name not in finished]
     arms = list(dict.fromkeys(job.arm for job in jobs))
     print(f"batch: {len(jobs)} jobs ({len({j.prompt for j in jobs})} prompts x {len(arms)} arms x "

@@ -102,8 +102,10 @@ def test_done_row_needs_the_same_config(tmp_path):
     marker.parent.mkdir()
     marker.write_text(json.dumps({"key": "another config", "status": "done"}))
     assert bj.done_row(job, tmp_path) is None
-    marker.write_text(json.dumps({"key": job.key, "status": "done", "wall_s": 1.0}))
-    assert bj.done_row(job, tmp_path)["wall_s"] == 1.0
+    tiny = bj.evaluation_settings("tiny", 32)
+    marker.write_text(json.dumps({"key": job.key, "status": "done", "wall_s": 1.0, "evaluation": tiny}))
+    assert bj.done_row(job, tmp_path)["wall_s"] == 1.0 and bj.done_row(job, tmp_path, tiny)["wall_s"] == 1.0
+    assert bj.done_row(job, tmp_path, bj.evaluation_settings("ViT-L-14:openai", 32)) is None  # other CLIP: not done
     marker.write_text('{"key": "torn')
     assert bj.done_row(job, tmp_path) is None
 

@@ -146,10 +146,17 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def done_row(job: Job, runs_root: Path) -> dict | None:
-    """The job's result row when its done marker exists and was written for this very config."""
+def evaluation_settings(clip_models: str, clip_resolution: int) -> dict:
+    return {"clip_models": clip_models, "clip_resolution": int(clip_resolution)}
+
+
+def done_row(job: Job, runs_root: Path, evaluation: dict | None = None) -> dict | None:
+    """The job's result row when its done marker exists and was written for this very config (and, when given, these
+    evaluation settings: other CLIP models re-run only the evaluate stage)."""
     row = read_json(runs_root / job.name / DONE_MARKER)
-    return row if row and row.get("key") == job.key and row.get("status") == "done" else None
+    if not row or row.get("key") != job.key or row.get("status") != "done":
+        return None
+    return row if evaluation is None or row.get("evaluation") == evaluation else None
 
 
 # ------------------------------------------------------------------------------------------------- one job
@@ -232,6 +239,9 @@ def run_job(job: Job, clip_models: str = "tiny", clip_resolution: int = 512, thr
         status.update(changes)
         write_json_atomic(status_path, status)
 
+    evaluation = evaluation_settings(clip_models, clip_resolution)
+    if stages.get("evaluate", {}).get("evaluation") != evaluation:
+        stages.pop("evaluate", None)  # scored with other CLIP settings: score again
     save_config(cfg, folder / JOB_CONFIG)
     update()
     try:
@@ -242,9 +252,10 @@ def run_job(job: Job, clip_models: str = "tiny", clip_resolution: int = 512, thr
             tic = time.perf_counter()
             run_stage(stage_argv(stage, cfg, folder, clip_models, clip_resolution), folder / LOG_FILE, threads,
                       on_start=lambda pid: update(stage_pid=pid))
-            stages[stage] = {"wall_s": round(time.perf_counter() - tic, 3), "attempt": status["attempts"]}
+            stages[stage] = {"wall_s": round(time.perf_counter() - tic, 3), "attempt": status["attempts"],
+                             **({"evaluation": evaluation} if stage == "evaluate" else {})}
             update(stage=None, stage_pid=None)
-        row = result_row(job, folder, status)
+        row = {**result_row(job, folder, status), "evaluation": evaluation}
     except JobFailed as err:
         update(state="failed", error=str(err), stage_pid=None)
         return failed_row(job, str(err), status)
