@@ -201,7 +201,7 @@ def run_arm(name: str, cfg, device: torch.device, iterations: int, warmup: int) 
     out = {"name": name, "setup_s": setup_s, "times": arm.times[warmup:], "weights": arm.weights[warmup:],
            "points": arm.points[-1], "model_bytes": weights,
            "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-           "iter_peaks": arm.peaks[warmup:]}
+           "iter_peaks": arm.peaks[warmup:], "skipped": arm.skipped}
     del arm
     gc.collect()
     return out
@@ -262,13 +262,17 @@ def main(argv=None) -> int:
         vanilla_cfg, ptd_cfg = make_configs(args, model_dir, tmp)
         from ptd_overhead import form_path_lora, sync
         sync(device)
+        if device.type == "cuda":  # gpu-only
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         form_path_lora(ptd_cfg)
         sync(device)
         stage1 = time.perf_counter() - t0
         steps = args.path_epochs * -(-args.num_views // ptd_cfg.PTDParams.lora_batch_size)
+        peak = (f", peak {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated"
+                if device.type == "cuda" else "")
         print(f"stage 1 (setup + {args.num_views} renders + encode + {steps} LoRA steps + loss report): "
-              f"{stage1:.1f} s")
+              f"{stage1:.1f} s{peak}")
         gc.collect()
         results = []
         for _ in range(args.rounds):
@@ -276,6 +280,9 @@ def main(argv=None) -> int:
                 results.append(run_arm(name, cfg, device, args.iterations, args.warmup))
                 print(f"  {name}: median {statistics.median(results[-1]['times']):.3f} s/iteration", file=sys.stderr)
         print_table(results, device)
+    skipped = sum(r["skipped"] for r in results)
+    print(f"non-finite iterations (skipped by the NaN guard): {skipped} of "
+          f"{len(results) * (args.warmup + args.iterations)}")
     van = [t for r in results if r["name"] == "vanilla" for t in r["times"]]
     ptd = [t for r in results if r["name"] == "PTD" for t in r["times"]]
     where = "CPU dry run at 64 px: shows the path runs, measures nothing" if args.cpu_dry_run else f"{args.size} px"

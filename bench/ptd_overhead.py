@@ -143,6 +143,7 @@ class Arm:
         self.weights: list[float] = []
         self.points: list[int] = []
         self.peaks: list[float] = []
+        self.skipped = 0  # iterations the NaN guard skipped (a non-finite loss or gradient: fp16 trouble)
 
     def step(self, iteration: int, timer: PhaseTimer | None = None, memory=None) -> float:
         import train
@@ -167,6 +168,7 @@ class Arm:
         self.phases.append(phases)
         self.weights.append(float(logs.get("ptd/weight", 0.0)))
         self.points.append(int(logs["scene/total_points"]))
+        self.skipped += int(logs["nonfinite/skipped"])
         return elapsed
 
 

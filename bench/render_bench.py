@@ -78,12 +78,14 @@ def main(argv=None) -> None:
     ap.add_argument("--tile", type=int, default=8, help="tile size of the torch backend (render()'s default: 8)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--backends", nargs="+", default=None, choices=["torch", "gsplat", "inria"],
+                    help="default: torch, and on CUDA gsplat when installed")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # gpu-only: picks CUDA when present
-    backends = ["torch"]
-    if device.type == "cuda":
+    backends = args.backends or ["torch"]
+    if args.backends is None and device.type == "cuda":
         import importlib.util
         if importlib.util.find_spec("gsplat") is not None:
             backends.append("gsplat")
@@ -101,8 +103,13 @@ def main(argv=None) -> None:
                 cams = [orbit_camera(3.5, 90.0, 360.0 * k / args.views, 0.55, size, size, device=device)
                         for k in range(args.views)]
                 for backend in backends:
-                    fwd, both = time_render(model, cams, backend, args.repeats, device,
-                                            args.tile if backend == "torch" else 8)
+                    try:
+                        fwd, both = time_render(model, cams, backend, args.repeats, device,
+                                                args.tile if backend == "torch" else 8)
+                    except torch.OutOfMemoryError:
+                        print(f"{backend:8} {opacity:8} {size:5d} {n:10d} {'out of memory':>19}", flush=True)
+                        torch.cuda.empty_cache()
+                        continue
                     results[(backend, opacity, size, n)] = both
                     worst = max(worst, both) if backend == "torch" else worst
                     print(f"{backend:8} {opacity:8} {size:5d} {n:10d} {fwd:8.3f} {both:10.3f}", flush=True)

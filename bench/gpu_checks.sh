@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Everything that needs CUDA, in one go: the CUDA backends' parity tests, the renderer benchmark on the GPU and the
+# SD 2.1-base-scale stage-2 benchmark (random weights, fp16, 512 px). One log per step under OUTDIR; a step that fails
+# or runs past its limit is reported and the next one still runs. Exit status: the number of failed steps.
+#
+#   bash bench/gpu_checks.sh [OUTDIR]          (PYTHON=... picks the interpreter; default python3)
+#
+# Limits in seconds per step: LIMIT_GSPLAT_BUILD (900), LIMIT_SD21 (600), LIMIT_PARITY (300), LIMIT_RENDER (600),
+# LIMIT_SCALE (900); ITERATIONS (20) timed iterations per arm and round of bench/gpu_scale.py.
+#
+# gsplat (if installed) compiles its CUDA code the first time it is used (minutes): that build runs in the background
+# while the SD 2.1-base folder is built, and nothing touches gsplat before it ends (two builds at once break it).
+set -u
+out=${1:-gpu_checks}
+py=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PTD_TINY_CACHE=${PTD_TINY_CACHE:-$HOME/.cache/ptd}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+export MAX_JOBS=${MAX_JOBS:-$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$py" -c \
+  'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}
+cd "$here" || exit 1
+failed=0
+
+step() {  # step NAME SECONDS command...: run with a limit, log to OUTDIR/NAME.log, print the tail
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  echo "=== $name: exit $rc after $(( $(date +%s) - start )) s (limit $limit s)"
+  grep -v -E "it/s\]|s/it\]|Loading" "$out/$name.log" | tail -n "${TAIL:-25}"
+  [ "$rc" -eq 0 ] || failed=$(( failed + 1 ))
+  return "$rc"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$py" -c 'import sys, torch, diffusers, transformers, peft; print(sys.version.split()[0], "torch", torch.__version__,
+    "cuda", torch.version.cuda, "diffusers", diffusers.__version__, "transformers", transformers.__version__,
+    "peft", peft.__version__)'
+  "$py" -c 'import gsplat; print("gsplat", gsplat.__version__)' 2>/dev/null || echo "gsplat: not installed"
+  nvcc --version 2>/dev/null | tail -n 1; nproc; date -u +%FT%TZ; } > "$out/env.log" 2>&1
+cat "$out/env.log"
+
+gsplat=0
+if "$py" -c 'import gsplat' 2>/dev/null; then
+  gsplat=1
+  (start=$(date +%s)
+   timeout "${LIMIT_GSPLAT_BUILD:-900}" "$py" -c \
+     'from gsplat.cuda._backend import _C; assert _C is not None, "gsplat did not build"' > "$out/gsplat_build.log" 2>&1
+   echo "$? $(( $(date +%s) - start ))" > "$out/gsplat_build.rc") &
+  build=$!
+fi
+
+TAIL=3 step sd21_folder "${LIMIT_SD21:-600}" "$py" -c 'import sys; sys.path.insert(0, "bench"); import gpu_scale
+print(gpu_scale.sd21_model_dir(None, "cuda"))'
+
+backends=(torch)
+if [ "$gsplat" = 1 ]; then
+  wait "$build"
+  read -r rc secs < "$out/gsplat_build.rc"
+  echo "=== gsplat_build: exit $rc after $secs s"
+  tail -n 5 "$out/gsplat_build.log"
+  if [ "$rc" = 0 ]; then backends+=(gsplat); else failed=$(( failed + 1 )); gsplat=0; fi
+fi
+backend=${backends[-1]}
+
+select=(-m gpu)
+[ "$gsplat" = 1 ] || select+=(-k "not gsplat")
+step parity_tests "${LIMIT_PARITY:-300}" "$py" -m pytest -q -rs -p no:cacheprovider "${select[@]}" tests/test_renderer.py
+step render_bench "${LIMIT_RENDER:-600}" "$py" bench/render_bench.py --backends "${backends[@]}" --sizes 128 256 512 \
+  --counts 4000 16000 100000 --opacities init --views 4 --repeats 3
+TAIL=30 step gpu_scale "${LIMIT_SCALE:-900}" "$py" bench/gpu_scale.py --iterations "${ITERATIONS:-20}" --rounds 2 \
+  "PipelineParams.backend=$backend"
+echo "gpu_checks: $failed step(s) failed; logs in $out"
+exit "$failed"
