@@ -6,7 +6,8 @@
 #   bash bench/gpu_checks.sh [OUTDIR]          (PYTHON=... picks the interpreter; default python3)
 #
 # Limits in seconds per step: LIMIT_GSPLAT_BUILD (900), LIMIT_SD21 (600), LIMIT_PARITY (300), LIMIT_RENDER (600),
-# LIMIT_SCALE (900); ITERATIONS (20) timed iterations per arm and round of bench/gpu_scale.py.
+# LIMIT_SCALE (900); ITERATIONS (20) timed iterations per arm and round of bench/gpu_scale.py; SKIP="parity_tests
+# render_bench" leaves those steps out.
 #
 # gsplat (if installed) compiles its CUDA code the first time it is used (minutes): that build runs in the background
 # while the SD 2.1-base folder is built, and nothing touches gsplat before it ends (two builds at once break it).
@@ -27,6 +28,7 @@ failed=0
 step() {  # step NAME SECONDS command...: run with a limit, log to OUTDIR/NAME.log, print the tail
   local name=$1 limit=$2 start rc
   shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "=== $name: skipped (SKIP)"; return 0 ;; esac
   start=$(date +%s)
   timeout --signal=INT --kill-after=20 "$limit" "$@" > "$out/$name.log" 2>&1
   rc=$?

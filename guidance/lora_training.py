@@ -84,6 +84,12 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     raise ValueError(f"unsupported scheduler prediction_type '{kind}' (epsilon, v_prediction or sample)")
 
 
+def base_dtype(unet: torch.nn.Module) -> torch.dtype:
+    """The dtype the UNet computes in: its first non-LoRA floating parameter's (the path LoRA is float32 in an fp16
+    UNet, so `unet.dtype` alone can be either)."""
+    return next(p.dtype for name, p in unet.named_parameters() if p.is_floating_point() and "lora_" not in name)
+
+
 def _noisy(scheduler, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
     """x_t = alpha_t x_0 + sigma_t eps with eps drawn from `generator` (on its own device, then moved: seeds
     give the same noise on any device). Returns (x_t, t, target), all on x0's device."""
@@ -99,7 +105,8 @@ def _train_step(unet, scheduler, x0: torch.Tensor, emb: torch.Tensor, generator:
     num_t = scheduler.config.num_train_timesteps
     t = torch.randint(0, num_t, (x0.shape[0],), generator=generator, device=generator.device)  # t ~ U{0..T-1}
     x_t, t, target = _noisy(scheduler, x0, t, generator)
-    pred = unet(x_t, t, encoder_hidden_states=emb).sample
+    dtype = base_dtype(unet)  # latent math in x0's dtype (fp32), the UNet call in the UNet's (fp16 on a GPU)
+    pred = unet(x_t.to(dtype), t, encoder_hidden_states=emb.to(dtype)).sample
     loss = F.mse_loss(pred.float(), target.float())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -188,14 +195,14 @@ def denoising_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, embe
     Returns:
         [len(timesteps)] float32 on the CPU.
     """
-    out = []
+    out, dtype = [], base_dtype(unet)
     for t in torch.as_tensor(timesteps).tolist():
         t_batch = torch.full((latents.shape[0],), int(t), dtype=torch.long)
         x_t, t_batch, target = _noisy(scheduler, latents, t_batch, generator)
         err = torch.zeros((), dtype=torch.float64)
         for i in range(0, latents.shape[0], batch_size):
-            pred = unet(x_t[i:i + batch_size], t_batch[i:i + batch_size],
-                        encoder_hidden_states=embeddings[i:i + batch_size]).sample
+            pred = unet(x_t[i:i + batch_size].to(dtype), t_batch[i:i + batch_size],
+                        encoder_hidden_states=embeddings[i:i + batch_size].to(dtype)).sample
             err += (pred.float() - target[i:i + batch_size].float()).pow(2).sum().double().cpu()
         out.append(err / target.numel())
     return torch.stack(out).float()
