@@ -55,7 +55,7 @@ def make_tracer(cfg: Config, guidance):
             raise RunError(f"PTDParams.mode=checkpoints needs {folder}/checkpoints/step_*; rerun form_path.py")
         checkpoints = [read_lora_state_dict(s) for s in steps]
     return PathTracer(p.mode, total_steps=p.total_steps, power=p.power, adapter_name=PATH_ADAPTER,
-                      checkpoints=checkpoints, switch_interval=p.switch_interval)
+                      checkpoints=checkpoints, switch_interval=p.switch_interval, merge=p.merge_lora)
 
 
 def render_batch(cfg: Config, views, gaussians, bg: torch.Tensor, gen: torch.Generator) -> dict:

@@ -235,6 +235,9 @@ class PTDParams:
     switch_interval: int = 200
     # path LoRA folder (default: <output_root>/<workspace>/path_lora)
     path_lora: Optional[str] = None
+    # stage 2: fold w * LoRA into the attention weights at each weight change instead of running peft's low-rank
+    # branch in every UNet call (ptd_utils.merge_lora; same path, cheaper calls on a GPU, docs/benchmarks.md)
+    merge_lora: bool = False
 
 
 @dataclass

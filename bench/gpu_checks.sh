@@ -6,8 +6,9 @@
 #   bash bench/gpu_checks.sh [OUTDIR]          (PYTHON=... picks the interpreter; default python3)
 #
 # Limits in seconds per step: LIMIT_GSPLAT_BUILD (900), LIMIT_SD21 (600), LIMIT_PARITY (300), LIMIT_RENDER (600),
-# LIMIT_SCALE (900); ITERATIONS (20) timed iterations per arm and round of bench/gpu_scale.py; SKIP="parity_tests
-# render_bench" leaves those steps out.
+# LIMIT_SCALE (900), LIMIT_OVERHEAD (900); ITERATIONS (20) timed iterations per arm and round of bench/gpu_scale.py;
+# SKIP="parity_tests render_bench" leaves those steps out; OVERHEAD_ARGS adds overrides to bench/ptd_overhead.py
+# (e.g. PTDParams.merge_lora=true); NO_GSPLAT=1 uses the torch rasteriser and skips gsplat's build.
 #
 # gsplat (if installed) compiles its CUDA code the first time it is used (minutes): that build runs in the background
 # while the SD 2.1-base folder is built, and nothing touches gsplat before it ends (two builds at once break it).
@@ -47,7 +48,7 @@ step() {  # step NAME SECONDS command...: run with a limit, log to OUTDIR/NAME.l
 cat "$out/env.log"
 
 gsplat=0
-if "$py" -c 'import gsplat' 2>/dev/null; then
+if [ -z "${NO_GSPLAT:-}" ] && "$py" -c 'import gsplat' 2>/dev/null; then
   gsplat=1
   (start=$(date +%s)
    timeout "${LIMIT_GSPLAT_BUILD:-900}" "$py" -c \
@@ -76,5 +77,12 @@ step render_bench "${LIMIT_RENDER:-600}" "$py" bench/render_bench.py --backends 
   --counts 4000 16000 100000 --opacities init --views 4 --repeats 3
 TAIL=30 step gpu_scale "${LIMIT_SCALE:-900}" "$py" bench/gpu_scale.py --iterations "${ITERATIONS:-20}" --rounds 2 \
   "PipelineParams.backend=$backend"
+# the paired, interleaved comparison (same t and noise per iteration) with the phase breakdown and the UNet-call
+# micro-benchmark, at SD 2.1-base scale; path LoRA with B = 0 so both arms follow one trajectory; T = 24: the 40
+# timed iterations are half at w > 0, half at w = 0
+model=$(tail -n 1 "$out/sd21_folder.log")
+TAIL=45 step ptd_overhead "${LIMIT_OVERHEAD:-900}" "$py" bench/ptd_overhead.py --opt configs/paper.yaml \
+  --iterations 44 --warmup 4 --memory-iterations 4 --micro-repeats 20 "GuidanceParams.model_key=$model" device=cuda \
+  "PipelineParams.backend=$backend" PTDParams.total_steps=24 ${OVERHEAD_ARGS:-}
 echo "gpu_checks: $failed step(s) failed; logs in $out"
 exit "$failed"

@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 __all__ = ["ptd_weight", "linear_weight", "cosine_weight", "SCHEDULES", "set_lora_scale", "get_lora_scale",
-           "lora_scale", "load_adapter_weights", "PathTracer"]
+           "lora_scale", "load_adapter_weights", "merge_lora", "PathTracer"]
 
 # attribute under which the collected LoRA layers are cached on the model (no module-level state)
 _CACHE_ATTR = "_ptd_lora_layers"
@@ -199,6 +199,78 @@ def _scale_units(model: torch.nn.Module, adapter_name: str | None) -> list[tuple
     return units
 
 
+# Merged mode (opt-in, `merge_lora`): the adapter stays parked and the base layer's weight itself carries it,
+# W = W0 + scaling * B A, rewritten at every scale change from the saved original W0 (exactly W0 at scaling 0). A UNet
+# call then costs what the base network's does: no per-layer low-rank branch (on a GPU whose UNet calls are bound by
+# kernel launches, peft's branch made them 41% slower; docs/benchmarks.md). A layer holds (adapter, W0) under this
+# attribute (with the scaling last written). Only nn.Linear layers with Linear LoRA factors can merge (the path LoRA's attention projections).
+_MERGE_ATTR = "_ptd_merged"
+
+
+def _merged_original(layer: torch.nn.Module, adapter: str) -> torch.Tensor | None:
+    state = layer.__dict__.get(_MERGE_ATTR)
+    return state[1] if state is not None and state[0] == adapter else None
+
+
+def _write_merged(layer: torch.nn.Module, adapter: str, force: bool = False) -> None:
+    """base weight = W0 + scaling * B A, summed in (at least) float32 and rounded once to the weight's dtype; W0 at
+    scaling 0.
+    Skipped when the scaling is the one last written (unless `force`: new factors)."""
+    state = layer.__dict__[_MERGE_ATTR]
+    original, scaling = state[1], layer.scaling[adapter]
+    if scaling == state[2] and not force:
+        return
+    state[2] = scaling
+    weight = layer.get_base_layer().weight
+    with torch.no_grad():
+        if scaling == 0.0:
+            weight.copy_(original)
+        else:
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # [r, in], [out, r]
+            acc = torch.promote_types(original.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
+            weight.copy_(torch.addmm(original.to(acc), b.to(acc), a.to(acc), alpha=scaling))
+
+
+def merge_lora(model: torch.nn.Module, adapter_name: str, enabled: bool = True) -> None:
+    """Switch `adapter_name` to merged mode (enabled) or back to peft's low-rank branch (not enabled).
+
+    In merged mode `set_lora_scale`, `lora_scale` and `load_adapter_weights` keep working as before, but each scale
+    change rewrites the adapted layers' weights (W0 + w * lora_alpha / r * B A) instead of scaling a branch that
+    every forward call computes. Weight 0 restores W0 exactly (the base network bit for bit). Costs a copy of the
+    adapted weights (~0.2 GB for SD 2.1-base's attention projections in fp16) and one weight rewrite per scale
+    change; in half precision the merged weight is rounded once (the branch rounds its products instead).
+    Switching back restores every W0 exactly.
+    """
+    layers = _lora_layers(model, adapter_name)
+    if not enabled:
+        for layer in layers:
+            original = _merged_original(layer, adapter_name)
+            if original is not None:
+                with torch.no_grad():
+                    layer.get_base_layer().weight.copy_(original)
+                del layer.__dict__[_MERGE_ATTR]
+                if layer.scaling[adapter_name] != 0.0:
+                    _unpark(layer, adapter_name)
+        return
+    for layer in layers:
+        _adapters(layer, adapter_name)  # refuses adapters that peft itself merged
+        base = layer.get_base_layer() if callable(getattr(layer, "get_base_layer", None)) else None
+        factors = [holder[adapter_name] if adapter_name in holder else None
+                   for holder in (getattr(layer, "lora_A", {}), getattr(layer, "lora_B", {}))]
+        other = layer.__dict__.get(_MERGE_ATTR)
+        if (not isinstance(base, torch.nn.Linear) or not all(isinstance(f, torch.nn.Linear) for f in factors)
+                or getattr(layer, "fan_in_fan_out", False)):
+            raise ValueError(f"merge_lora: {type(base).__name__} layer cannot merge adapter '{adapter_name}' (only "
+                             "nn.Linear layers with Linear LoRA factors can); use the unmerged branch")
+        if other is not None and other[0] != adapter_name:
+            raise ValueError(f"merge_lora: a layer already carries merged adapter '{other[0]}'; unmerge it first")
+    for layer in layers:
+        if _merged_original(layer, adapter_name) is None:  # [adapter, W0, scaling last written]
+            layer.__dict__[_MERGE_ATTR] = [adapter_name, layer.get_base_layer().weight.detach().clone(), None]
+        _park(layer, adapter_name)
+        _write_merged(layer, adapter_name, force=True)
+
+
 def _is_active(layer: torch.nn.Module, adapter: str) -> bool:
     active = layer.__dict__.get("_active_adapter")  # peft's list (or str) behind the active_adapters property
     if active is None:
@@ -226,11 +298,13 @@ def set_lora_scale(model: torch.nn.Module, weight: float, adapter_name: str | No
         raise ValueError(f"LoRA weight must be finite, got {weight}")
     for layer, units in _scale_units(model, adapter_name):  # the per-iteration path of stage 2: kept lean
         names = _adapters(layer, adapter_name)
+        merged = layer.__dict__.get(_MERGE_ATTR)  # (adapter, original weight) in merged mode, else None
         if weight != 0.0:
             if _PARK_ATTR in layer.__dict__:
                 for adapter in names:
-                    _unpark(layer, adapter)
-            if adapter_name is not None and not _is_active(layer, adapter_name):
+                    if merged is None or merged[0] != adapter:  # a merged adapter stays parked: the weight has it
+                        _unpark(layer, adapter)
+            if adapter_name is not None and merged is None and not _is_active(layer, adapter_name):
                 raise ValueError(f"LoRA adapter '{adapter_name}' is not active, so its weight would have no effect: "
                                  f"activate it, e.g. unet.set_adapters(['{adapter_name}'])")
         scaling = layer.scaling
@@ -238,6 +312,8 @@ def set_lora_scale(model: torch.nn.Module, weight: float, adapter_name: str | No
             scaling[adapter] = weight * alpha / denom  # LoraLayer.set_scale's formula, in its order of operations
             if weight == 0.0:
                 _park(layer, adapter)
+            if merged is not None and merged[0] == adapter:
+                _write_merged(layer, adapter)
 
 
 def get_lora_scale(model: torch.nn.Module, adapter_name: str | None = None) -> float:
@@ -271,10 +347,13 @@ def lora_scale(model: torch.nn.Module, weight: float, adapter_name: str | None =
         for layer, adapter, scaling in saved:
             layer.scaling[adapter] = scaling
         for layer, adapter, scaling in reversed(saved):
+            merged = _merged_original(layer, adapter) is not None
             if scaling == 0.0:
                 _park(layer, adapter)
-            else:
+            elif not merged:
                 _unpark(layer, adapter)
+            if merged:
+                _write_merged(layer, adapter)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -314,6 +393,9 @@ def load_adapter_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.
         missing = sorted(set(params) - done)
         raise ValueError(f"checkpoint misses {len(missing)} of {len(params)} LoRA parameters of adapter "
                          f"'{adapter_name}', e.g. '{missing[0]}'")
+    for layer in model.modules():  # merged mode: the weights carry the new factors at the current scale
+        if _merged_original(layer, adapter_name) is not None:
+            _write_merged(layer, adapter_name, force=True)
 
 
 # loader(model, state_dict, adapter_name): puts one checkpoint into the adapter's weights
@@ -329,6 +411,8 @@ class PathTracer:
             state dicts of the adapter); steps 1..K use s^(n), K+1..2K s^(n-1), ..., then s^(0) = the prior (weight 0).
             The paper's text starts from the penultimate s^(n-1): pass `checkpoints[:-1]` for that reading.
     In both modes every step after `total_steps` uses the prior alone (weight 0), for good.
+    merge=True runs the adapter in merged mode (`merge_lora`, from the first apply): the same path, without the
+    per-call low-rank branch.
     """
 
     MODES = ("weighted", "checkpoints")
@@ -336,7 +420,7 @@ class PathTracer:
     def __init__(self, mode: str = "weighted", *, total_steps: int = 1000, power: float = 0.3,
                  schedule: str = "power", adapter_name: str = "ptd_path",
                  checkpoints: Sequence[Mapping[str, torch.Tensor]] = (), switch_interval: int = 200,
-                 loader: Loader | None = None) -> None:
+                 loader: Loader | None = None, merge: bool = False) -> None:
         if mode not in self.MODES:
             raise ValueError(f"PathTracer mode '{mode}' is not one of {self.MODES} (mode 'off': use no tracer)")
         if schedule not in SCHEDULES:
@@ -349,6 +433,7 @@ class PathTracer:
         self.adapter_name, self.switch_interval = adapter_name, int(switch_interval)
         self.checkpoints = list(checkpoints)
         self.loader: Loader = loader if loader is not None else load_adapter_weights
+        self.merge = bool(merge)  # merged mode (see merge_lora): switched on at the first apply()
         self.last_step, self.last_weight = 0, None
         self._loaded: tuple[weakref.ref, int] | None = None  # (model, index of the checkpoint now in its adapter)
         self.weight_at(1)  # fail now, not at the first iteration, on a bad power
@@ -374,6 +459,8 @@ class PathTracer:
         """
         weight = self.weight_at(step)
         index = self.checkpoint_at(step)
+        if self.merge and _merged_original(_lora_layers(model, self.adapter_name)[0], self.adapter_name) is None:
+            merge_lora(model, self.adapter_name)
         if index is not None:
             loaded_model = self._loaded[0]() if self._loaded is not None else None
             if loaded_model is not model or self._loaded[1] != index:

@@ -1,16 +1,19 @@
 """guidance/ptd_utils.py: w(iter) of paper Alg. 2, exact LoRA scale control, the stage-2 tracer, and the file alone."""
 import ast
+import copy
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
-from guidance.ptd_utils import (SCHEDULES, PathTracer, get_lora_scale, load_adapter_weights, lora_scale, ptd_weight,
+from guidance.ptd_utils import (SCHEDULES, PathTracer, get_lora_scale, load_adapter_weights, lora_scale, merge_lora,
+                                ptd_weight,
                                 set_lora_scale)
 
 PTD_UTILS = Path(__file__).resolve().parents[1] / "guidance" / "ptd_utils.py"
@@ -268,6 +271,90 @@ def test_load_adapter_weights_rejects_partial_and_foreign_keys():
         load_adapter_weights(model, dict(list(state.items())[:3]), "ptd_path")
     with pytest.raises(ValueError, match="matches no parameter"):
         load_adapter_weights(model, {"unet.a.lora_A.weight": torch.zeros(2, 3)}, "ptd_path")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# merged mode
+# ----------------------------------------------------------------------------------------------------------------------
+def _adapted(unet):
+    return {n: m for n, m in unet.named_modules() if hasattr(m, "lora_A") and "ptd_path" in m.lora_A}
+
+
+def test_merged_mode_is_the_branch_folded_into_the_weights(lora_unet):
+    # float64, so that the only difference between the branch and the folded weight would be a wrong formula
+    unet, inputs = copy.deepcopy(lora_unet[0]).double(), tuple(x.double() if x.is_floating_point() else x
+                                                               for x in lora_unet[1])
+    layers = _adapted(unet)
+    originals = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
+    set_lora_scale(unet, 0.0, "ptd_path")
+    base = _run(unet, inputs)
+    set_lora_scale(unet, 1.0, "ptd_path")
+    trained = _run(unet, inputs)
+    branch = {}
+    for w in (1.0, 0.37, -0.5):
+        set_lora_scale(unet, w, "ptd_path")
+        branch[w] = _run(unet, inputs)
+    calls = []
+    hooks = [m.lora_A["ptd_path"].register_forward_hook(lambda *a: calls.append(1)) for m in layers.values()]
+    try:
+        merge_lora(unet, "ptd_path")
+        for w in (1.0, 0.37, -0.5):
+            set_lora_scale(unet, w, "ptd_path")
+            assert get_lora_scale(unet, "ptd_path") == w
+            torch.testing.assert_close(_run(unet, inputs), branch[w], rtol=1e-9, atol=1e-10)
+            name, layer = next(iter(layers.items()))  # the weight itself, against the formula in float64
+            a, b = layer.lora_A["ptd_path"].weight.double(), layer.lora_B["ptd_path"].weight.double()
+            expect = originals[name].double() + w * 8 / 4 * (b @ a)
+            torch.testing.assert_close(layer.base_layer.weight, expect, rtol=1e-12, atol=1e-13)
+        with lora_scale(unet, 0.0, "ptd_path"):
+            assert torch.equal(_run(unet, inputs), base)  # the prior, bit for bit, in the middle of tracing
+        torch.testing.assert_close(_run(unet, inputs), branch[-0.5], rtol=1e-9, atol=1e-10)  # rewritten on exit
+        set_lora_scale(unet, 0.0, "ptd_path")
+        assert torch.equal(_run(unet, inputs), base)
+        assert all(torch.equal(m.base_layer.weight, originals[n]) for n, m in layers.items())
+        set_lora_scale(unet, 1.0, "ptd_path")
+        assert calls == []  # the low-rank branch never ran: the weights carried it
+    finally:
+        for h in hooks:
+            h.remove()
+        merge_lora(unet, "ptd_path", enabled=False)
+    assert all(torch.equal(m.base_layer.weight, originals[n]) for n, m in layers.items())  # W0 exactly
+    assert torch.equal(_run(unet, inputs), trained)  # back on peft's branch, as before merging
+
+
+def test_merged_mode_follows_checkpoints_and_the_tracer():
+    from peft import get_peft_model_state_dict
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plain = _toy().double()  # float64: any difference beyond rounding would be a wrong fold
+    merged = copy.deepcopy(plain)
+    base = merged[1].base_layer(merged[0].base_layer(x))
+    ckpts = [{k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for k, v in
+              get_peft_model_state_dict(plain, adapter_name="ptd_path").items()} for i in range(3)]
+    for mode in ("weighted", "checkpoints"):
+        tracers = [PathTracer(mode, total_steps=7, switch_interval=2, checkpoints=ckpts, merge=m) for m in (0, 1)]
+        load_adapter_weights(plain, ckpts[0], "ptd_path")
+        load_adapter_weights(merged, ckpts[0], "ptd_path")
+        for step in range(1, 10):
+            weights = [t.apply(model, step) for t, model in zip(tracers, (plain, merged))]
+            assert weights[0] == weights[1]
+            with torch.no_grad():
+                torch.testing.assert_close(merged(x), plain(x), rtol=1e-12, atol=1e-12)
+                assert torch.equal(merged(x), base) == (weights[1] == 0.0)
+        merge_lora(merged, "ptd_path", enabled=False)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a .peft_config:UserWarning")
+def test_merge_lora_refuses_what_it_cannot_fold():
+    from peft import LoraConfig, inject_adapter_in_model
+    conv = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["c"]),
+                                   torch.nn.Sequential(OrderedDict(c=torch.nn.Conv2d(3, 4, 3))), adapter_name="ptd_path")
+    with pytest.raises(ValueError, match="Conv2d layer cannot merge adapter 'ptd_path'") as err:
+        merge_lora(conv, "ptd_path")
+    assert "\n" not in str(err.value)
+    model = _toy(("ptd_path", "prior"))
+    merge_lora(model, "prior")
+    with pytest.raises(ValueError, match="already carries merged adapter 'prior'"):
+        merge_lora(model, "ptd_path")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
