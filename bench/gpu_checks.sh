@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything that needs CUDA, in one go: the CUDA backends' parity tests, the renderer benchmark on the GPU and the
-# SD 2.1-base-scale stage-2 benchmark (random weights, fp16, 512 px). One log per step under OUTDIR; a step that fails
-# or runs past its limit is reported and the next one still runs. Exit status: the number of failed steps.
+# Everything that needs CUDA, in one go: the CUDA backends' parity tests, the renderer benchmark on the GPU, and at
+# SD 2.1-base scale (random weights, fp16, 512 px) bench/gpu_scale.py and bench/ptd_overhead.py. One log per step
+# under OUTDIR; a step that fails or runs past its limit is reported and the next one still runs. Exit status: the
+# number of failed steps. ~6 minutes on an H200 (docs/benchmarks.md, section 4a).
 #
 #   bash bench/gpu_checks.sh [OUTDIR]          (PYTHON=... picks the interpreter; default python3)
 #
