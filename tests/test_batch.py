@@ -154,6 +154,15 @@ def row(prompt, arm, status="done", clip=None, matching=None, wall=None):
             "wall_s": wall}
 
 
+def test_job_table_cells_stay_in_their_row():
+    from utils.batch_report import jobs_markdown
+    rows = [{**row("a | b\nc", "ptd", status="failed"), "error": "x|y\n  z", "stage_s": {}, "attempts": 1},
+            {**row("plain", "vanilla", clip={"L": 1.0}, matching=0.5, wall=3.0), "stage_s": {}, "attempts": 1}]
+    lines = jobs_markdown(rows)
+    assert len(lines) == 4 and all(line.count(" | ") == lines[0].count(" | ") for line in lines[2:])
+    assert lines[2].startswith("| a \\| b c | ptd | 0 | **failed**: x\\|y z |")
+
+
 def test_summarize_pairs_by_prompt_against_hand_computation():
     rows = [row("p1", "vanilla", clip={"L": 20.0}, matching=1.5, wall=100.0),
             row("p1", "ptd", clip={"L": 23.0}, matching=1.2, wall=110.0),

@@ -104,6 +104,11 @@ def duration(seconds: float | None) -> str:
         f"{seconds / 3600:.2f} h"
 
 
+def cell(text: str) -> str:
+    """Free text (a prompt, an error message) as one markdown table cell: pipes escaped, line breaks as spaces."""
+    return " ".join(str(text).replace("|", "\\|").split())
+
+
 def jobs_markdown(rows: list[dict]) -> list[str]:
     labels = clip_labels(rows)
     head = ["prompt", "arm", "seed", "status"] + [f"CLIP {label}" for label in labels] + \
@@ -111,8 +116,8 @@ def jobs_markdown(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         stages = " / ".join(duration(r["stage_s"].get(s)) for s in ("form_path", "train", "evaluate"))
-        cells = [r["prompt"].replace("|", "\\|") or "(empty)", r["arm"], str(r["seed"]),
-                 r["status"] if r["status"] == "done" else f"**{r['status']}**: {r['error']}"]
+        cells = [cell(r["prompt"]) or "(empty)", r["arm"], str(r["seed"]),
+                 r["status"] if r["status"] == "done" else f"**{r['status']}**: {cell(r['error'])}"]
         cells += [fmt(r["clip"].get(label)) for label in labels]
         cells += [fmt(r["matching_loss"], 4), stages if r["status"] == "done" else "-", duration(r["wall_s"]),
                   str(r["attempts"])]
