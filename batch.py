@@ -58,8 +58,12 @@ def run_local(jobs: list, args: argparse.Namespace, threads: int, bar) -> dict:
     from utils.batch_jobs import JobInterrupted, failed_row, run_job
 
     rows = {}
+
+    def show(running: int) -> None:
+        bar.set_postfix(running=running, failed=sum(r["status"] == "failed" for r in rows.values()))
+
     for job in jobs:
-        bar.set_postfix(running=1, failed=sum(r["status"] == "failed" for r in rows.values()))
+        show(1)
         for attempt in range(args.max_retries + 1):
             try:
                 rows[job.name] = run_job(job, args.clip_models, args.clip_resolution, threads)
@@ -70,6 +74,7 @@ def run_local(jobs: list, args: argparse.Namespace, threads: int, bar) -> dict:
                 rows[job.name] = failed_row(job, one_line(err))
                 break
         bar.update(1)
+    show(0)
     return rows
 
 
