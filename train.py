@@ -288,7 +288,10 @@ def write_outputs(cfg: Config, state: dict, iteration: int, device: torch.device
 def run_loop(cfg: Config, state: dict, start: int, device: torch.device, writer) -> None:
     o = cfg.OptimizationParams
     interrupted: list[bool] = []
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    # Ctrl-C, and SIGTERM (what SLURM, Kubernetes and `kill` send before a pre-emption's SIGKILL): finish the
+    # iteration, write a checkpoint, exit 130
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: interrupted.append(True)) for sig in stops}
     bar = tqdm(range(start, o.iterations + 1), desc=f"stage 2 (PTD {cfg.PTDParams.mode})", initial=start - 1,
                total=o.iterations)
     try:
@@ -315,7 +318,8 @@ def run_loop(cfg: Config, state: dict, start: int, device: torch.device, writer)
                       f"--opt {run_dir(cfg) / 'config.yaml'} --resume", file=sys.stderr)
                 raise KeyboardInterrupt
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         bar.close()
 
 

@@ -46,13 +46,13 @@ def reference_ply(tmp_path):
     return final_ply(cfg_for(tmp_path, *LONGER, workspace="reference"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, sig):
     proc = start_train(tmp_path, "victim")
     wait_for_checkpoint(tmp_path, "victim", proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    if sig == signal.SIGINT:
+    if sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM: a scheduler's pre-emption notice
         assert proc.returncode == 130 and "--resume" in err and "checkpoint saved" in err
     else:
         assert proc.returncode == -signal.SIGKILL
