@@ -107,7 +107,7 @@ def job_resources(cluster: dict, args: argparse.Namespace) -> tuple[int, int]:
 
 def run_ray(jobs: list, args: argparse.Namespace, runs_root: Path, bar) -> dict:
     """The jobs as Ray tasks; Ray retries a task whose stage was killed (JobInterrupted) or whose worker died."""
-    from utils.batch_jobs import JobInterrupted, failed_row, run_job, running_jobs
+    from utils.batch_jobs import JobInterrupted, lost_row, run_job, running_jobs
 
     ray = start_ray(args)
     try:
@@ -124,7 +124,7 @@ def run_ray(jobs: list, args: argparse.Namespace, runs_root: Path, bar) -> dict:
                 try:
                     rows[job.name] = ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - retries exhausted, worker or node lost: the job failed
-                    rows[job.name] = failed_row(job, one_line(err))
+                    rows[job.name] = lost_row(job, one_line(err), runs_root)
             bar.update(len(ready))
             counts = {"running": running_jobs(list(pending.values()), runs_root, started),
                       "failed": sum(r["status"] == "failed" for r in rows.values())}

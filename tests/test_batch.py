@@ -60,7 +60,8 @@ def test_parse_arms():
     assert list(bj.parse_arms(None, [["a", "seed=1"], ["b", "seed=2"]])) == ["a", "b"]  # --arm alone picks its arms
     for names, custom, message in (("vanila", None, "not defined"), ("ptd,ptd", None, "each arm once"),
                                    (None, [["bad/name", "seed=1"]], "names folders"),
-                                   (None, [["lonely"]], "overrides after the name")):
+                                   (None, [["lonely"]], "overrides after the name"),
+                                   ("vanilla", [["fast", "seed=1"]], "--arm fast is defined but not in --arms")):
         with pytest.raises(ValueError, match=message):
             bj.parse_arms(names, custom)
 
@@ -108,6 +109,9 @@ def test_done_row_needs_the_same_config(tmp_path):
     assert bj.done_row(job, tmp_path, bj.evaluation_settings("ViT-L-14:openai", 32)) is None  # other CLIP: not done
     marker.write_text('{"key": "torn')
     assert bj.done_row(job, tmp_path) is None
+    (tmp_path / job.name / bj.STATUS_FILE).write_text(json.dumps({"attempts": 4, "host": "node7"}))
+    row = bj.lost_row(job, "JobInterrupted: train was stopped (exit -9)", tmp_path)  # Ray's retries ran out
+    assert (row["status"], row["attempts"], row["host"]) == ("failed", 4, "node7")
 
 
 def test_run_stage_tells_failures_from_interruptions(tmp_path, monkeypatch):

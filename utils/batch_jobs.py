@@ -91,6 +91,10 @@ def parse_arms(names: str | None, custom: list[list[str]] | None = None) -> dict
                              f"--arm {name} Section.key=value ...")
     if not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(f"--arms '{names}' must name each arm once, e.g. --arms vanilla,ptd")
+    unused = [item[0] for item in custom or [] if item[0] not in chosen]
+    if unused:
+        raise ValueError(f"--arm {unused[0]} is defined but not in --arms '{names}'; add it (--arms "
+                         f"{','.join(chosen + unused)}) or drop its --arm")
     return {name: defined[name] for name in chosen}
 
 
@@ -214,7 +218,7 @@ def run_stage(argv: list[str], log_path: Path, threads: int, on_start: Callable[
     if code == 0:
         return
     if code < 0 or code in (130, 137, 143):  # a signal (or Python's exit code after SIGINT/SIGKILL/SIGTERM)
-        raise JobInterrupted(f"{argv[0]} was stopped (exit {code}); retry resumes it")
+        raise JobInterrupted(f"{argv[0]} was stopped (exit {code}); a retry or the next batch run resumes it")
     with open(log_path) as log:
         log.seek(start)
         message = error_line(log.read())
@@ -307,6 +311,12 @@ def result_row(job: Job, folder: Path, status: dict) -> dict:
 
 def failed_row(job: Job, error: str, status: dict | None = None) -> dict:
     return {**base_row(job, None, status or {}), "status": "failed", "error": error}
+
+
+def lost_row(job: Job, error: str, runs_root: Path) -> dict:
+    """The row of a job whose last attempt never returned a row (Ray's retries exhausted, worker or node lost):
+    attempts and host as the job's status file last recorded them."""
+    return failed_row(job, error, read_json(runs_root / job.name / STATUS_FILE) or {})
 
 
 def base_row(job: Job, folder: Path | None, status: dict) -> dict:
