@@ -96,6 +96,27 @@ def test_make_jobs_names_follow_the_inputs(tmp_path):
                      tmp_path)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock")
+def test_a_job_held_by_another_process_is_not_touched(tmp_path):
+    import fcntl
+    (job,) = bj.make_jobs(load_config(SMOKE), ["a cat"], bj.parse_arms("vanilla"), [0], tmp_path)
+    folder = tmp_path / job.name
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(folder / bj.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        row = bj.run_job(job)  # a second batch on the same --out
+        assert row["status"] == "failed" and "another process is running this job" in row["error"]
+        assert not (folder / bj.STATUS_FILE).exists()  # nothing of the running job's was touched
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(folder / bj.LOCK_FILE) as f:  # the holder died (SIGKILL): the lock is free again
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_done_row_needs_the_same_config(tmp_path):
     (job,) = bj.make_jobs(load_config(SMOKE), ["a cat"], bj.parse_arms("vanilla"), [0], tmp_path)
     assert bj.done_row(job, tmp_path) is None

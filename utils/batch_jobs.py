@@ -41,6 +41,7 @@ DONE_MARKER = "batch_done.json"
 STATUS_FILE = "batch_status.json"
 JOB_CONFIG = "batch_job.yaml"
 LOG_FILE = "batch_job.log"
+LOCK_FILE = "batch_job.lock"
 EVAL_DIR = "eval"
 # the project root: the stage commands are its modules (installed or not)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +226,24 @@ def run_stage(argv: list[str], log_path: Path, threads: int, on_start: Callable[
     raise JobFailed(f"{argv[0]}: {message or f'exited with code {code}; see {log_path}'}")
 
 
+def lock_job(folder: Path):
+    """An exclusive lock on the job's workspace (flock on LOCK_FILE), held while the returned file is open; the
+    kernel drops it when this process dies, SIGKILL included, and the stages (started with close_fds) never hold it.
+    Raises JobFailed when another live process holds it: two batches writing the same --out at once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return open(os.devnull)
+    handle = open(folder / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise JobFailed(f"another process is running this job in {folder} (two batches with the same --out at "
+                        f"once?); let it finish, then run this batch again") from None
+    return handle
+
+
 def run_job(job: Job, clip_models: str = "tiny", clip_resolution: int = 512, threads: int = 1) -> dict:
     """Run the job's remaining stages in its workspace; returns its result row (status done or failed).
 
@@ -232,6 +251,16 @@ def run_job(job: Job, clip_models: str = "tiny", clip_resolution: int = 512, thr
     cfg = config_from_dict(copy.deepcopy(job.config))
     folder = run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = lock_job(folder)
+    except JobFailed as err:
+        return failed_row(job, str(err))
+    with lock:
+        return run_stages(job, cfg, folder, clip_models, clip_resolution, threads)
+
+
+def run_stages(job: Job, cfg: Config, folder: Path, clip_models: str, clip_resolution: int, threads: int) -> dict:
+    """run_job's work, under the workspace lock."""
     status_path = folder / STATUS_FILE
     status = read_json(status_path) or {}
     wait_for_stage_exit(status)
