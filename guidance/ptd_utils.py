@@ -202,8 +202,9 @@ def _scale_units(model: torch.nn.Module, adapter_name: str | None) -> list[tuple
 # Merged mode (opt-in, `merge_lora`): the adapter stays parked and the base layer's weight itself carries it,
 # W = W0 + scaling * B A, rewritten at every scale change from the saved original W0 (exactly W0 at scaling 0). A UNet
 # call then costs what the base network's does: no per-layer low-rank branch (on a GPU whose UNet calls are bound by
-# kernel launches, peft's branch made them 41% slower; docs/benchmarks.md). A layer holds (adapter, W0) under this
-# attribute (with the scaling last written). Only nn.Linear layers with Linear LoRA factors can merge (the path LoRA's attention projections).
+# kernel launches, peft's branch made them 41% slower; docs/benchmarks.md). A layer holds [adapter, W0, the scaling
+# last written] under this attribute. Only nn.Linear layers with Linear LoRA factors can merge (the path LoRA's
+# attention projections).
 _MERGE_ATTR = "_ptd_merged"
 
 
@@ -214,8 +215,7 @@ def _merged_original(layer: torch.nn.Module, adapter: str) -> torch.Tensor | Non
 
 def _write_merged(layer: torch.nn.Module, adapter: str, force: bool = False) -> None:
     """base weight = W0 + scaling * B A, summed in (at least) float32 and rounded once to the weight's dtype; W0 at
-    scaling 0.
-    Skipped when the scaling is the one last written (unless `force`: new factors)."""
+    scaling 0. Skipped when the scaling is the one last written, unless `force` (new factors)."""
     state = layer.__dict__[_MERGE_ATTR]
     original, scaling = state[1], layer.scaling[adapter]
     if scaling == state[2] and not force:
@@ -298,7 +298,7 @@ def set_lora_scale(model: torch.nn.Module, weight: float, adapter_name: str | No
         raise ValueError(f"LoRA weight must be finite, got {weight}")
     for layer, units in _scale_units(model, adapter_name):  # the per-iteration path of stage 2: kept lean
         names = _adapters(layer, adapter_name)
-        merged = layer.__dict__.get(_MERGE_ATTR)  # (adapter, original weight) in merged mode, else None
+        merged = layer.__dict__.get(_MERGE_ATTR)  # [adapter, W0, scaling written] in merged mode, else None
         if weight != 0.0:
             if _PARK_ATTR in layer.__dict__:
                 for adapter in names:
@@ -393,8 +393,8 @@ def load_adapter_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.
         missing = sorted(set(params) - done)
         raise ValueError(f"checkpoint misses {len(missing)} of {len(params)} LoRA parameters of adapter "
                          f"'{adapter_name}', e.g. '{missing[0]}'")
-    for layer in model.modules():  # merged mode: the weights carry the new factors at the current scale
-        if _merged_original(layer, adapter_name) is not None:
+    for layer in model.modules():  # merged mode: the weights carry the new factors at the current scale (once per
+        if _merged_original(layer, adapter_name) is not None:  # checkpoint switch; any module layout)
             _write_merged(layer, adapter_name, force=True)
 
 

@@ -347,7 +347,8 @@ def test_merged_mode_follows_checkpoints_and_the_tracer():
 def test_merge_lora_refuses_what_it_cannot_fold():
     from peft import LoraConfig, inject_adapter_in_model
     conv = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["c"]),
-                                   torch.nn.Sequential(OrderedDict(c=torch.nn.Conv2d(3, 4, 3))), adapter_name="ptd_path")
+                                   torch.nn.Sequential(OrderedDict(c=torch.nn.Conv2d(3, 4, 3))),
+                                   adapter_name="ptd_path")
     with pytest.raises(ValueError, match="Conv2d layer cannot merge adapter 'ptd_path'") as err:
         merge_lora(conv, "ptd_path")
     assert "\n" not in str(err.value)

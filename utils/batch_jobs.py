@@ -314,8 +314,8 @@ def wait_for_stage_exit(status: dict, timeout: float = 120.0) -> None:
             return
         time.sleep(0.5)
     try:  # still there: stop it if it is this job's stage (not a reused pid), so two never share the workspace
-        if JOB_CONFIG in Path(f"/proc/{pid}/cmdline").read_text() and status.get("job", "") in \
-                Path(f"/proc/{pid}/cmdline").read_text():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_text()
+        if JOB_CONFIG in cmdline and status.get("job", "") in cmdline:
             os.kill(pid, signal.SIGKILL)
             time.sleep(1.0)
     except OSError:
