@@ -6,7 +6,7 @@
                     [--max-retries 3] [--clip-models NAME:PRETRAINED,...|tiny|none] [--clip-resolution 512]
                     [--baseline ARM] [--limit N] [--list]
 
-Each job (utils/batch_jobs.py) runs form_path (PTD arms) + train + evaluate --matching-loss in its own workspace
+Each job (jobs/job.py) runs form_path (PTD arms) + train + evaluate --matching-loss in its own workspace
 <out>/runs/<prompt>__<arm>__s<seed>__<config hash>. Jobs are Ray tasks (one GPU each when the cluster has GPUs, else
 --cpus-per-job CPUs) on the cluster at --address, or on a local Ray instance sized to this machine (--workers caps
 it); --local runs them one after another in this process, without Ray. A finished job (done marker) is skipped, an
@@ -19,22 +19,47 @@ summary, the paper's Table 1 beside it) and results.json. Exit code 0 when every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from arguments import Config, parse_cli, run_dir
-from utils.clip_eval import parse_clip_models
-from utils.clip_score import PAPER_MODELS
-from utils.run_setup import RunError, check_writable, run_entry
+from arguments import Config, RunError, parse_cli, run_dir
+from evaluation.clip import PAPER_MODELS, parse_clip_models
+from jobs.job import (JobInterrupted, done_row, evaluation_settings, failed_row, lost_row, make_jobs, parse_arms,
+                     parse_seeds, run_job, running_jobs)
+from jobs.report import summarize, write_results
+from stages.run import check_writable, run_entry
+from utils.prompts import read_prompts
 
 
-def plan(cfg: Config, args: argparse.Namespace) -> tuple[Path, list]:
+@dataclass
+class BatchOptions:
+    """What a batch runs and how (the command-line flags; `batch.py --help` says what each means)."""
+    prompts: str
+    opt: str | None = None
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    arms: str | None = None
+    arm: list[list[str]] | None = None
+    seeds: str | None = None
+    out: str | None = None
+    address: str | None = None
+    local: bool = False
+    workers: int | None = None
+    cpus_per_job: int | None = None
+    gpus_per_job: int | None = None
+    max_retries: int = 3
+    clip_models: str = ",".join(f"{n}:{p}" for n, p in PAPER_MODELS)
+    clip_resolution: int = 512
+    baseline: str | None = None
+    limit: int | None = None
+    list_only: bool = False  # --list
+
+
+def plan(cfg: Config, args: BatchOptions) -> tuple[Path, list]:
     """The output folder and the job list."""
-    from utils.batch_jobs import make_jobs, parse_arms, parse_seeds
-    from utils.prompts import read_prompts
-
     prompts = read_prompts(args.prompts, keep_empty=True)[:args.limit]
     arms = parse_arms(args.arms, args.arm)
     seeds = parse_seeds(args.seeds) if args.seeds else [cfg.seed]
@@ -53,10 +78,8 @@ def one_line(err: BaseException) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
-def run_local(jobs: list, args: argparse.Namespace, threads: int, bar) -> dict:
+def run_local(jobs: list, args: BatchOptions, threads: int, bar) -> dict:
     """The jobs one after another in this process; an interrupted job is retried (resumed) up to --max-retries."""
-    from utils.batch_jobs import JobInterrupted, failed_row, run_job
-
     rows = {}
 
     def show(running: int) -> None:
@@ -78,7 +101,7 @@ def run_local(jobs: list, args: argparse.Namespace, threads: int, bar) -> dict:
     return rows
 
 
-def start_ray(args: argparse.Namespace):
+def start_ray(args: BatchOptions):
     try:
         import ray
     except ImportError:
@@ -95,7 +118,7 @@ def start_ray(args: argparse.Namespace):
     return ray
 
 
-def job_resources(cluster: dict, args: argparse.Namespace) -> tuple[int, int]:
+def job_resources(cluster: dict, args: BatchOptions) -> tuple[int, int]:
     """(CPUs, GPUs) of one job: one GPU each when the cluster has GPUs, unless --gpus-per-job says otherwise."""
     gpus = args.gpus_per_job if args.gpus_per_job is not None else int(cluster.get("GPU", 0) >= 1)
     cpus = args.cpus_per_job or 1
@@ -105,10 +128,8 @@ def job_resources(cluster: dict, args: argparse.Namespace) -> tuple[int, int]:
     return cpus, gpus
 
 
-def run_ray(jobs: list, args: argparse.Namespace, runs_root: Path, bar) -> dict:
+def run_ray(jobs: list, args: BatchOptions, runs_root: Path, bar) -> dict:
     """The jobs as Ray tasks; Ray retries a task whose stage was killed (JobInterrupted) or whose worker died."""
-    from utils.batch_jobs import JobInterrupted, lost_row, run_job, running_jobs
-
     ray = start_ray(args)
     try:
         cpus, gpus = job_resources(ray.cluster_resources(), args)
@@ -136,11 +157,9 @@ def run_ray(jobs: list, args: argparse.Namespace, runs_root: Path, bar) -> dict:
         ray.shutdown()
 
 
-def main(cfg: Config, args: argparse.Namespace) -> int:
+def main(cfg: Config, args: BatchOptions) -> int:
+    """Run (or list) the batch; returns the exit code (0: every job done, 1: some failed)."""
     from tqdm import tqdm
-
-    from utils.batch_jobs import done_row, evaluation_settings
-    from utils.batch_report import summarize, write_results
 
     out, jobs = plan(cfg, args)
     runs_root = out / "runs"
@@ -151,7 +170,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     print(f"batch: {len(jobs)} jobs ({len({j.prompt for j in jobs})} prompts x {len(arms)} arms x "
           f"{len({j.seed for j in jobs})} seeds) in {out}; {len(finished)} done before, {len(todo)} to run"
           + ("" if not todo else " (locally, one at a time)" if args.local else " on Ray"))
-    if args.list:
+    if args.list_only:
         for job in jobs:
             print(f"{'done' if job.name in finished else 'todo'}  {job.name}")
         return 0
@@ -200,7 +219,8 @@ def cli(argv=None) -> int:
     parser.add_argument("--clip-resolution", type=int, default=512, help="render size of the 16 CLIP views")
     parser.add_argument("--baseline", default=None, help="arm the others are compared with (default the first)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    parser.add_argument("--list", action="store_true", help="list the jobs and whether they are done; run nothing")
+    parser.add_argument("--list", dest="list_only", action="store_true",
+                        help="list the jobs and whether they are done; run nothing")
     cfg, args = parse_cli(argv, parser)
     if args.local and args.address:
         parser.error("--local runs without Ray; drop --address")
@@ -216,8 +236,9 @@ def cli(argv=None) -> int:
         parse_clip_models(args.clip_models)
     except ValueError as err:
         parser.error(str(err))
+    options = BatchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BatchOptions)})
     status: list[int] = []
-    code = run_entry(lambda: status.append(main(cfg, args)))
+    code = run_entry(lambda: status.append(main(cfg, options)))
     return code or (status[0] if status else 1)
 
 

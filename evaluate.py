@@ -28,11 +28,16 @@ from pathlib import Path
 
 import torch
 
-from utils.general import write_json_atomic, write_text_atomic
-from utils.run_setup import RunError, run_entry
-
-# key of the mean matching loss in a report's "overall"
-MATCHING = "matching_loss"
+from arguments import RunError, load_config
+from evaluation.ab_report import write_ab_report
+from evaluation.clip import clip_scores, load_scorers, parse_clip_models, rig_images
+from evaluation.ood import MATCHING, matching_loss_summary, probe_inputs
+from scene import GaussianModel
+from stages.run import background, make_guidance, run_entry
+from utils.device import resolve_device
+from utils.files import write_json_atomic, write_text_atomic
+from utils.prompts import read_prompts
+from utils.rng import preserved_rng
 
 
 def final_ply(run: Path) -> Path | None:
@@ -59,8 +64,6 @@ def find_runs(path: Path) -> list[Path]:
 
 def select_runs(runs: list[Path], prompts: list[str] | None) -> tuple[list[tuple[Path, object]], list[str]]:
     """(run, config) pairs, restricted to and ordered by `prompts` when given; and the prompts without a run."""
-    from arguments import load_config
-
     configs = [(run, load_config(run / "config.yaml")) for run in runs]
     if prompts is None:
         return configs, []
@@ -71,23 +74,11 @@ def select_runs(runs: list[Path], prompts: list[str] | None) -> tuple[list[tuple
     return chosen, [p for p in dict.fromkeys(prompts) if p.strip() not in by_prompt]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():  # gpu-only
-        raise RunError(f"--device {name} asked for but CUDA is not available; use --device cpu or auto")
-    return torch.device(name)
-
-
 @torch.no_grad()
 def score_run(run: Path, cfg, ply: Path, scorers: dict, resolution: int, device: torch.device, backend: str,
               matching: bool = False) -> dict:
     """One run: the rig's renders of its final PLY scored by every CLIP model; with `matching` also the final
     model's matching loss (Eq. 5) under the prior."""
-    from scene import GaussianModel
-    from utils.clip_eval import clip_scores, rig_images
-    from utils.run_setup import background
-
     gaussians = GaussianModel(cfg.ModelParams.sh_degree, device=device)
     gaussians.load_ply(str(ply))
     row = {"run": run.name, "path": str(run), "prompt": cfg.GuidanceParams.text, "ply": str(ply),
@@ -104,9 +95,6 @@ def final_matching_loss(run: Path, cfg, gaussians, device: torch.device) -> dict
     """Eq. 5 of the final model under the prior (LoRAs of stage 2 off: the network every arm ends with), measured as
     the training monitor measures it (EvalParams.probe_*; the same views and references for every arm of a seed;
     references cached in <run>/probe)."""
-    from utils.run_setup import background, make_guidance
-    from utils.training_metrics import matching_loss_summary, preserved_rng, probe_inputs
-
     guidance = make_guidance(cfg, device)
     with preserved_rng():
         refs, views = probe_inputs(cfg, guidance, device, cache=run / "probe")
@@ -151,40 +139,45 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_runs(args: argparse.Namespace) -> dict:
-    """Score a run or a folder of runs; writes clip_scores.{json,md}."""
-    from utils.clip_eval import load_scorers, parse_clip_models
-    from utils.prompts import read_prompts
+def evaluate_runs(path: str | Path, *, clip_models: str | None = None, matching_loss: bool = False,
+                  prompts: str | None = None, out: str | Path | None = None, resolution: int = 512,
+                  device: str = "auto", backend: str = "auto") -> dict:
+    """Score a run or a folder of runs; writes <out>/clip_scores.{json,md} (default out: `path`).
 
-    source = Path(args.path)
-    prompts = read_prompts(args.prompts) if args.prompts else None
+    Args:
+        clip_models: 'NAME:PRETRAINED,...' | 'tiny' | 'none' | None (the paper's two scorers).
+        matching_loss: also each final model's matching loss (Eq. 5) under the prior.
+        prompts: FILE.txt or FILE.json:KEY restricting and ordering the runs by prompt.
+    """
+    source = Path(path)
+    prompt_list = read_prompts(prompts) if prompts else None
     runs = find_runs(source)
     if len(runs) == 1 and runs[0] == source and final_ply(source) is None:
         raise RunError(f"run folder '{source}' has no point_cloud/iteration_*/point_cloud.ply; finish train.py first")
-    selected, missing_prompts = select_runs(runs, prompts)
+    selected, missing_prompts = select_runs(runs, prompt_list)
     ready = [(run, cfg, final_ply(run)) for run, cfg in selected]
     unfinished = [run.name for run, _, ply in ready if ply is None]
     ready = [item for item in ready if item[2] is not None]
     if not ready:
         raise RunError(f"no finished run to score in '{source}' (unfinished: {len(unfinished)}, prompts without a "
                        f"run: {len(missing_prompts)})")
-    device = resolve_device(args.device)
-    models = parse_clip_models(args.clip_models)
-    if not models and not args.matching_loss:
+    torch_device = resolve_device(device)
+    models = parse_clip_models(clip_models)
+    if not models and not matching_loss:
         raise RunError("--clip-models none with no --matching-loss measures nothing; name a CLIP model or add "
                        "--matching-loss")
-    scorers = load_scorers(models, device)
+    scorers = load_scorers(models, torch_device)
     rows = []
     for run, cfg, ply in ready:
-        rows.append(score_run(run, cfg, ply, scorers, args.resolution, device, args.backend, args.matching_loss))
+        rows.append(score_run(run, cfg, ply, scorers, resolution, torch_device, backend, matching_loss))
         parts = [f"{m} {s['mean']:.2f}" for m, s in rows[-1]["scores"].items()]
-        if args.matching_loss:
+        if matching_loss:
             parts.append(f"matching loss {rows[-1]['matching_loss']['mean']:.4f}")
         print(f"{run.name}: " + ", ".join(parts))
     labels = list(scorers)
-    report = {"models": labels, "resolution": args.resolution, "rows": rows, "overall": aggregate(rows, labels),
+    report = {"models": labels, "resolution": resolution, "rows": rows, "overall": aggregate(rows, labels),
               "unfinished": unfinished, "missing_prompts": missing_prompts}
-    out = Path(args.out) if args.out else source
+    out = Path(out) if out else source
     write_json_atomic(out / "clip_scores.json", report)
     text = markdown(report)
     write_text_atomic(out / "clip_scores.md", text)
@@ -192,24 +185,25 @@ def evaluate_runs(args: argparse.Namespace) -> dict:
     return report
 
 
-def ab_report(args: argparse.Namespace) -> dict:
-    """The A/B report of `--ab VANILLA PTD`; with --clip-models also the protocol scores of the final PLYs."""
-    from utils.ab_report import write_ab_report
-
-    vanilla, ptd = (Path(p) for p in args.ab)
-    out = Path(args.out) if args.out else ptd.parent / f"ab_{vanilla.name}_vs_{ptd.name}"
+def ab_report(vanilla: str | Path, ptd: str | Path, *, out: str | Path | None = None, clip_models: str | None = None,
+              **scoring) -> dict:
+    """The A/B report of two runs (<out>/ab_report.{png,md,json}); with `clip_models` also the protocol scores of
+    their final PLYs (`scoring`: evaluate_runs' matching_loss, resolution, device, backend)."""
+    vanilla, ptd = Path(vanilla), Path(ptd)
+    out = Path(out) if out else ptd.parent / f"ab_{vanilla.name}_vs_{ptd.name}"
     protocol = None
-    if args.clip_models:
-        protocol = {}
-        for label, run in (("vanilla", vanilla), ("PTD", ptd)):
-            sub = argparse.Namespace(**{**vars(args), "path": str(run), "prompts": None, "out": str(out / label)})
-            report = evaluate_runs(sub)
-            protocol[label] = report["overall"]
+    if clip_models:
+        protocol = {label: evaluate_runs(run, clip_models=clip_models, out=out / label, **scoring)["overall"]
+                    for label, run in (("vanilla", vanilla), ("PTD", ptd))}
     return write_ab_report(vanilla, ptd, out, protocol)
 
 
-def main(args: argparse.Namespace) -> dict:
-    return ab_report(args) if args.ab else evaluate_runs(args)
+def main(path: str | Path | None = None, *, ab: tuple[str, str] | None = None, **options) -> dict:
+    """`evaluate_runs(path, **options)`, or with `ab=(VANILLA_RUN, PTD_RUN)` the A/B report of two runs."""
+    if ab:
+        options.pop("prompts", None)
+        return ab_report(*ab, **options)
+    return evaluate_runs(path, **options)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -234,7 +228,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cli(argv=None) -> int:
     args = parse_args(argv)
-    return run_entry(main, args)
+    return run_entry(main, args.path, ab=args.ab, clip_models=args.clip_models, matching_loss=args.matching_loss,
+                     prompts=args.prompts, out=args.out, resolution=args.resolution, device=args.device,
+                     backend=args.backend)
 
 
 if __name__ == "__main__":

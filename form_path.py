@@ -18,32 +18,27 @@ from pathlib import Path
 
 import torch
 
-from arguments import Config, parse_cli, run_dir, save_config
-from utils.general import atomic_path, seed_everything, stable_hash, write_json_atomic
-from utils.run_setup import (PATH_ADAPTER, RunError, background, configure_torch, init_key, initial_gaussians,
-                             make_guidance, make_sampler, path_lora_dir, path_metadata, run_entry, select_device,
-                             validate)
+from arguments import Config, RunError, parse_cli, run_dir, save_config
+from evaluation.plots import plot_denoising_report
+from gaussian_renderer import render_views
+from guidance.lora_merge import load_adapter_weights, scale
+from guidance.lora_training import add_path_lora, denoising_loss, fit_lora, lora_state_dict, save_lora
+from stages.run import (PATH_ADAPTER, background, configure_torch, init_key, initial_gaussians, make_guidance,
+                        make_sampler, path_lora_dir, path_metadata, run_entry, validate)
+from utils.device import resolve_device
+from utils.files import atomic_path, stable_hash, write_json_atomic
+from utils.rng import seed_everything
 
 # timesteps at which the prior and the path LoRA are compared on the renders
 REPORT_TIMESTEPS = (50, 100, 200, 300, 400, 500, 600, 700, 800, 900)
 
 
-@torch.no_grad()
-def render_views(cfg: Config, gaussians, guidance, device: torch.device):
+def stage1_views(cfg: Config, gaussians, device: torch.device) -> tuple[torch.Tensor, list[float]]:
     """N views of the initial model from the training camera distribution -> (images [N,3,H,W], azimuths)."""
-    from gaussian_renderer import render
-
     sampler = make_sampler(cfg, device, seed_offset=1)  # its own stream: stage 2's cameras stay as in vanilla
-    bg = background(cfg, device)
     views = sampler.next_views(cfg.PTDParams.num_views)
-    images = torch.stack([render(v, gaussians, bg, backend=cfg.PipelineParams.backend)["render"] for v in views])
-    return images.clamp(0, 1), [v.delta_azimuth for v in views]
-
-
-@torch.no_grad()
-def encode_all(guidance, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """Encode once (the latents are cached for all epochs)."""
-    return torch.cat([guidance.encode_images(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+    images = render_views(views, gaussians, background(cfg, device), cfg.PipelineParams.backend)
+    return images, [v.delta_azimuth for v in views]
 
 
 def fit_and_save(cfg: Config, guidance, latents, embeddings, out_dir: Path, epochs: int, metadata: dict,
@@ -52,9 +47,6 @@ def fit_and_save(cfg: Config, guidance, latents, embeddings, out_dir: Path, epoc
 
     The fit runs in chunks of K steps; after each chunk its full state (LoRA weights, AdamW, generator, batch order)
     is written atomically beside the output, so `--resume` continues exactly where a killed run stopped."""
-    from guidance.lora_training import add_path_lora, fit_lora, lora_state_dict, save_lora
-    from guidance.ptd_utils import load_adapter_weights
-
     p = cfg.PTDParams
     unet = guidance.unet
     add_path_lora(unet, rank=p.lora_rank, alpha=p.lora_alpha, adapter_name=PATH_ADAPTER)
@@ -99,37 +91,15 @@ def fit_and_save(cfg: Config, guidance, latents, embeddings, out_dir: Path, epoc
 
 def loss_report(guidance, latents, embeddings, seed: int) -> dict:
     """Denoising loss (Eq. 6) of the prior (LoRA weight 0) and of the path LoRA (weight 1) on the same x_t."""
-    from guidance.lora_training import denoising_loss
-    from guidance.ptd_utils import lora_scale
-
     report = {"timesteps": list(REPORT_TIMESTEPS)}
     for name, weight in (("prior", 0.0), ("path_lora", 1.0)):
-        with lora_scale(guidance.unet, weight, PATH_ADAPTER):
+        with scale(guidance.unet, weight, PATH_ADAPTER):
             gen = torch.Generator(device=latents.device).manual_seed(seed)
             report[name] = denoising_loss(guidance.unet, guidance.pipe.scheduler, latents, embeddings,
                                           timesteps=list(REPORT_TIMESTEPS), generator=gen).tolist()
     report["prior_mean"] = sum(report["prior"]) / len(REPORT_TIMESTEPS)
     report["path_lora_mean"] = sum(report["path_lora"]) / len(REPORT_TIMESTEPS)
     return report
-
-
-def plot_report(report: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from utils.general import atomic_path
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(report["timesteps"], report["prior"], "o-", label=f"prior (mean {report['prior_mean']:.4f})")
-    ax.plot(report["timesteps"], report["path_lora"], "o-", label=f"path LoRA (mean {report['path_lora_mean']:.4f})")
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("denoising loss (Eq. 6)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def print_report(report: dict) -> None:
@@ -142,7 +112,7 @@ def print_report(report: dict) -> None:
 
 def start_run(cfg: Config) -> torch.device:
     """Device, every check before anything is written, torch settings and the seed: the start of both modes."""
-    device = select_device(cfg)
+    device = resolve_device(cfg.device)
     validate(cfg, device)
     configure_torch(cfg)
     seed_everything(cfg.seed)
@@ -157,8 +127,8 @@ def form_path(cfg: Config, overwrite: bool = False, resume: bool = False) -> Pat
     device = start_run(cfg)
     gaussians = initial_gaussians(cfg, device)
     guidance = make_guidance(cfg, device)
-    images, azimuths = render_views(cfg, gaussians, guidance, device)
-    latents = encode_all(guidance, images)
+    images, azimuths = stage1_views(cfg, gaussians, device)
+    latents = guidance.encode(images)  # once: the latents are cached for all epochs
     embeddings = guidance.view_embeddings(azimuths)
     print(f"stage 1: {len(azimuths)} renders -> latents {list(latents.shape)}; fitting the path LoRA "
           f"({cfg.PTDParams.path_epochs} epochs)")
@@ -166,7 +136,8 @@ def form_path(cfg: Config, overwrite: bool = False, resume: bool = False) -> Pat
     meta = fit_and_save(cfg, guidance, latents, embeddings, out_dir, cfg.PTDParams.path_epochs, metadata, resume)
     report = loss_report(guidance, latents, embeddings, cfg.seed)
     write_json_atomic(out_dir / "denoising_loss.json", report)
-    plot_report(report, out_dir / "denoising_loss.png", f"{cfg.GuidanceParams.text[:60]} ({meta['steps']} steps)")
+    plot_denoising_report(report, out_dir / "denoising_loss.png",
+                          f"{cfg.GuidanceParams.text[:60]} ({meta['steps']} steps)")
     print_report(report)
     return out_dir
 
@@ -201,7 +172,7 @@ def prior_finetune(cfg: Config, images_dir: Path, prompt: str, out_dir: Path, ov
     c = cfg.GenerateCamParams
     images = load_image_folder(images_dir, (c.image_h, c.image_w), device)
     guidance = make_guidance(cfg, device)
-    latents = encode_all(guidance, images)
+    latents = guidance.encode(images)
     embeddings = guidance.text_embeddings(prompt).expand(latents.shape[0], -1, -1).contiguous()
     metadata = {"prompt": prompt, "base_model": cfg.GuidanceParams.model_key, "kind": "prior",
                 "images": str(images_dir), "num_images": int(latents.shape[0]),

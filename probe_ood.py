@@ -26,44 +26,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import torch
 
-from arguments import Config, parse_cli, run_dir
+from arguments import Config, RunError, parse_cli, run_dir
+from arguments.checks import check_timesteps
+from evaluation.ood import PROBE_CAMERA_OFFSET, cached_prior_latents, matching_losses
+from evaluation.plots import plot_matching_loss
+from gaussian_renderer import render_views
+from guidance.lora_merge import set_scale
+from guidance.lora_training import METADATA_NAME
 from guidance.stf import aggregate_by_timestep
-from utils.general import atomic_path, seed_everything, write_json_atomic, write_text_atomic
-from utils.ood_probe import (PROBE_CAMERA_OFFSET, cached_prior_latents, check_timesteps, encode_mean,
-                             matching_losses)
-from utils.run_setup import (PATH_ADAPTER, RunError, background, check_path_metadata, initial_gaussians,
-                             make_guidance, make_sampler, path_lora_dir, select_device, validate,
-                             run_entry)
+from stages.run import (PATH_ADAPTER, background, initial_gaussians, load_path_lora, make_guidance, make_sampler,
+                        path_lora_dir, run_entry, validate)
+from utils.device import resolve_device
+from utils.files import write_json_atomic, write_text_atomic
+from utils.rng import seed_everything
 
 NETWORKS = ("prior", "path")
 # the paper's §3 numbers, for context only (unstated space/norm/model details)
 PAPER_RENDERED, PAPER_GENERATED = (3.234, 0.042), (1.687, 0.075)
-
-
-@torch.no_grad()
-def render_initial(cfg: Config, gaussians, count: int, device: torch.device) -> torch.Tensor:
-    """`count` renders [M, 3, H, W] in [0, 1] from the training camera distribution (no augmentations)."""
-    from gaussian_renderer import render
-
-    views = make_sampler(cfg, device, seed_offset=PROBE_CAMERA_OFFSET).next_views(count)
-    bg = background(cfg, device)
-    return torch.stack([render(v, gaussians, bg, backend=cfg.PipelineParams.backend)["render"]
-                        for v in views]).clamp(0, 1)
-
-
-def load_path_lora(cfg: Config, guidance) -> None:
-    """The path LoRA of stage 1 into the prior, at weight 1."""
-    from guidance.lora_training import load_lora, read_lora_metadata
-    from guidance.ptd_utils import set_lora_scale
-
-    with torch.random.fork_rng(devices=[]):  # adapter creation draws init weights: keep the global stream
-        load_lora(guidance.pipe, path_lora_dir(cfg), PATH_ADAPTER)
-    check_path_metadata(read_lora_metadata(path_lora_dir(cfg)), cfg, path_lora_dir(cfg))
-    set_lora_scale(guidance.unet, 1.0, PATH_ADAPTER)
 
 
 def check_inputs(cfg: Config, network: str, num_refs: int, num_generated: int, timesteps: list[int],
@@ -74,7 +55,7 @@ def check_inputs(cfg: Config, network: str, num_refs: int, num_generated: int, t
     if num_refs < 1 or num_generated < 1 or draws < 1:
         raise RunError("--num-refs, --num-generated and --draws must be >= 1")
     check_timesteps(timesteps, "--timesteps")
-    if network == "path" and not (path_lora_dir(cfg) / "ptd_path.json").is_file():
+    if network == "path" and not (path_lora_dir(cfg) / METADATA_NAME).is_file():
         raise RunError(f"no path LoRA in {path_lora_dir(cfg)}; run form_path.py --opt CONFIG first or use "
                        f"--network prior")
 
@@ -82,7 +63,7 @@ def check_inputs(cfg: Config, network: str, num_refs: int, num_generated: int, t
 def measure(cfg: Config, network: str, num_refs: int, num_generated: int, timesteps: list[int], draws: int,
             ddim_steps: int) -> dict:
     """Load, sample (cached), render, encode and measure; returns the report dict."""
-    device = select_device(cfg)
+    device = resolve_device(cfg.device)
     validate(cfg, device)
     seed_everything(cfg.seed)
     gaussians = initial_gaussians(cfg, device, create=False)
@@ -91,9 +72,13 @@ def measure(cfg: Config, network: str, num_refs: int, num_generated: int, timest
     refs = cached_prior_latents(folder, guidance, num_refs, cfg.seed, c.image_h, c.image_w, ddim_steps, "refs")
     generated = cached_prior_latents(folder, guidance, num_generated, cfg.seed + 1, c.image_h, c.image_w,
                                      ddim_steps, "gen")
-    rendered = encode_mean(guidance, render_initial(cfg, gaussians, num_generated, device))
-    if network == "path":
+    # M renders of the initial model from the training camera distribution (the probe's own camera stream)
+    views = make_sampler(cfg, device, seed_offset=PROBE_CAMERA_OFFSET).next_views(num_generated)
+    rendered = guidance.encode(render_views(views, gaussians, background(cfg, device), cfg.PipelineParams.backend),
+                               mean=True)
+    if network == "path":  # stage 2's network at iteration 1: the prior + the path LoRA at weight 1
         load_path_lora(cfg, guidance)
+        set_scale(guidance.unet, 1.0, PATH_ADAPTER)
     emb = guidance.embeddings["text"]
     rows = {}
     for name, x0 in (("rendered", rendered), ("generated", generated)):  # the same eps for both sets (same seed)
@@ -125,30 +110,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, color in (("rendered", "tab:red"), ("generated", "tab:blue")):
-        row = report["rows"][name]["by_t"]
-        t = [r["t"] for r in row]
-        mean = torch.tensor([r["mean"] for r in row])
-        std = torch.tensor([r["std"] for r in row])
-        overall = report["rows"][name]["overall"]["mean"]
-        ax.plot(t, mean, "o-", color=color, label=f"{name} (overall {overall:.3f})")
-        ax.fill_between(t, mean - std, mean + std, color=color, alpha=0.2)
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("matching loss (eps space, RMS)")
-    ax.set_title(f"{report['prompt'][:50]} [{report['network']}]", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 def main(cfg: Config, *, network: str = "prior", num_refs: int | None = None, num_generated: int = 16,
          timesteps: list[int] | None = None, draws: int = 1, ddim_steps: int | None = None) -> dict:
     """Run the probe; writes <run>/probe/matching_loss_<network>.{json,md,png} and returns the report."""
@@ -162,7 +123,7 @@ def main(cfg: Config, *, network: str = "prior", num_refs: int | None = None, nu
     write_json_atomic(folder / f"matching_loss_{network}.json", report)
     text = markdown(report)
     write_text_atomic(folder / f"matching_loss_{network}.md", text)
-    plot(report, folder / f"matching_loss_{network}.png")
+    plot_matching_loss(report, folder / f"matching_loss_{network}.png")
     print(text)
     return report
 

@@ -6,8 +6,10 @@ setup(
     version="0.1.0",
     description="Path-Tracing Distillation for text-to-3D: LucidDreamer (3DGS + ISM) with a path LoRA",
     python_requires=">=3.10",
-    packages=find_packages(include=["arguments", "guidance", "scene", "gaussian_renderer", "utils"]),
-    py_modules=["train", "form_path", "evaluate", "probe_ood", "batch"],
+    # the library packages only: the entry scripts (train.py, form_path.py, evaluate.py, probe_ood.py, batch.py) run
+    # from the checkout, as in LucidDreamer, so that nothing installed shadows a common module name (`evaluate`)
+    packages=find_packages(include=["arguments", "scene", "gaussian_renderer", "guidance", "stages", "evaluation",
+                                    "jobs", "utils"]),
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.32",

@@ -10,21 +10,31 @@ the next stage-1 checkpoint (`checkpoints`, Eq. 7). With `mode: off` no LoRA is 
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from arguments import Config, load_config, parse_cli, run_dir, save_config
-from utils.general import rng_state, seed_everything, set_rng_state
+from arguments import Config, RunError, load_config, parse_cli, run_dir, save_config
+from evaluation.monitor import TrainingMonitor
+from gaussian_renderer import disparity, render
+from guidance import lora_merge
+from guidance.lora_training import read_lora_state_dict
+from guidance.ptd_utils import PathTracer
+from guidance.sd_utils import StableDiffusionGuidance
+from scene import GaussianModel, OrbitCameraSampler, orbit_camera, video_cameras
+from stages.run import (PATH_ADAPTER, background, check_path_metadata, configure_torch, initial_gaussians,
+                        load_path_lora, make_guidance, make_sampler, path_lora_dir, run_entry, scene_extent, validate)
+from utils.device import resolve_device
+from utils.files import atomic_path
+from utils.image_io import save_png, to_uint8, write_video
 from utils.loss_utils import scale_loss, tv_loss
-from utils.training_metrics import TrainingMonitor
-from utils.run_setup import (PATH_ADAPTER, RunError, background, check_path_metadata, configure_torch,
-                             initial_gaussians, make_guidance, make_sampler, path_lora_dir, run_entry, scene_extent,
-                             select_device, validate)
+from utils.rng import rng_state, seed_everything, set_rng_state
 
 # prune Gaussians whose opacity falls below this (stock)
 MIN_OPACITY = 0.005
@@ -36,33 +46,42 @@ CHECKPOINT_DIR = "checkpoints"
 STAGE2_OUTPUTS = ("point_cloud", "videos", "test_six_views", CHECKPOINT_DIR)
 
 
-def make_tracer(cfg: Config, guidance):
+@dataclass
+class TrainState:
+    """Everything stage 2 carries from one iteration to the next (what a checkpoint saves, by name, plus the parts
+    built once: the guidance, the outputs' schedule, the monitor)."""
+    gaussians: GaussianModel
+    guidance: StableDiffusionGuidance
+    tracer: PathTracer | None  # None: PTD off, stock LucidDreamer
+    sampler: OrbitCameraSampler
+    gen: torch.Generator  # the training augmentations' stream (background, SH drop, scale noise, splits)
+    bg: torch.Tensor  # [3] the run's background colour
+    tests: set[int] = field(default_factory=set)  # iterations that save test views
+    nonfinite_streak: int = 0  # iterations in a row skipped by the NaN guard
+    monitor: TrainingMonitor = field(default_factory=TrainingMonitor)
+
+
+def make_tracer(cfg: Config, guidance) -> PathTracer | None:
     """Load the path LoRA of stage 1 into the prior and return the PathTracer (None when PTD is off)."""
     p = cfg.PTDParams
     if p.mode == "off":
         return None
-    from guidance.lora_training import load_lora, read_lora_metadata, read_lora_state_dict
-    from guidance.ptd_utils import PathTracer
-
-    folder = path_lora_dir(cfg)
-    check_path_metadata(read_lora_metadata(folder), cfg, folder)
-    with torch.random.fork_rng(devices=[]):  # adapter creation draws random init weights: keep the global stream
-        load_lora(guidance.pipe, folder, PATH_ADAPTER)
+    load_path_lora(cfg, guidance)
     checkpoints = []
     if p.mode == "checkpoints":
+        folder = path_lora_dir(cfg)
         steps = sorted((folder / "checkpoints").glob("step_*"))
         if not steps:
             raise RunError(f"PTDParams.mode=checkpoints needs {folder}/checkpoints/step_*; rerun form_path.py")
         checkpoints = [read_lora_state_dict(s) for s in steps]
-    return PathTracer(p.mode, total_steps=p.total_steps, power=p.power, adapter_name=PATH_ADAPTER,
-                      checkpoints=checkpoints, switch_interval=p.switch_interval, merge=p.merge_lora)
+    return lora_merge.make_tracer(p.mode, guidance.unet, merge=p.merge_lora, total_steps=p.total_steps,
+                                  power=p.power, adapter_name=PATH_ADAPTER, checkpoints=checkpoints,
+                                  switch_interval=p.switch_interval)
 
 
 def render_batch(cfg: Config, views, gaussians, bg: torch.Tensor, gen: torch.Generator) -> dict:
     """Render the iteration's views with LucidDreamer's training augmentations (background swap, SH-degree drop,
     scale noise), all drawn from `gen`. Returns stacked images/disparities/scales and the per-view packages."""
-    from gaussian_renderer import disparity, render
-
     m = cfg.ModelParams
     images, disps, scales, pkgs = [], [], [], []
     for view in views:
@@ -106,17 +125,17 @@ def is_finite_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
-def train_step(cfg: Config, iteration: int, state: dict) -> dict:
+def train_step(cfg: Config, iteration: int, state: TrainState) -> dict:
     """One stock iteration (+ the PTD weight). Returns scalars to log."""
     o, g = cfg.OptimizationParams, cfg.GuidanceParams
-    gaussians, guidance, gen = state["gaussians"], state["guidance"], state["gen"]
+    gaussians, guidance, gen = state.gaussians, state.guidance, state.gen
     gaussians.update_learning_rate(iteration)
     if iteration % SH_UP_INTERVAL == 0:
         gaussians.oneup_sh_degree()
-    state["sampler"].relax(iteration, o)
-    views = state["sampler"].next_views(g.C_batch_size)
-    weight = state["tracer"].apply(guidance.unet, iteration) if state["tracer"] is not None else None
-    batch = render_batch(cfg, views, gaussians, state["bg"], gen)
+    state.sampler.relax(iteration, o)
+    views = state.sampler.next_views(g.C_batch_size)
+    weight = state.tracer.apply(guidance.unet, iteration) if state.tracer is not None else None
+    batch = render_batch(cfg, views, gaussians, state.bg, gen)
     as_latent = bool(torch.rand((), generator=gen) < o.as_latent_ratio)
     inputs = batch["disparity"].repeat(1, 3, 1, 1) if as_latent else batch["images"]
     out = guidance.train_step(inputs, [v.delta_azimuth for v in views], iteration)
@@ -150,10 +169,6 @@ def test_iterations(cfg: Config) -> set[int]:
 @torch.no_grad()
 def save_test_views(cfg: Config, gaussians, iteration: int, device: torch.device) -> None:
     """Six test views (default radius, fov, polar; azimuths 60 degrees apart) and their normalised depth."""
-    from gaussian_renderer import render
-    from scene import orbit_camera
-    from utils.image_io import save_png
-
     c = cfg.GenerateCamParams
     folder = run_dir(cfg) / "test_six_views" / f"{iteration}_iteration"
     bg = background(cfg, device)
@@ -168,10 +183,6 @@ def save_test_views(cfg: Config, gaussians, iteration: int, device: torch.device
 @torch.no_grad()
 def save_video(cfg: Config, gaussians, iteration: int, device: torch.device) -> Path:
     """360-degree RGB and depth videos around the default orbit."""
-    from gaussian_renderer import render
-    from scene import video_cameras
-    from utils.image_io import to_uint8, write_video
-
     folder = run_dir(cfg) / "videos" / f"{iteration}_iteration"
     bg = background(cfg, device)
     rgb, depth = [], []
@@ -193,18 +204,15 @@ def save_point_cloud(cfg: Config, gaussians, iteration: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def capture(state: dict, iteration: int) -> dict:
+def capture(state: TrainState, iteration: int) -> dict:
     """Everything an exact resume needs, by name."""
-    return {"format": "ptd-train-v1", "iteration": iteration, "gaussians": state["gaussians"].capture(),
-            "sampler": state["sampler"].state_dict(), "guidance": state["guidance"].state_dict(),
-            "aug_generator": state["gen"].get_state(), "rng": rng_state(),
-            "nonfinite_streak": state["nonfinite_streak"],
-            "tracer": state["tracer"].state_dict() if state["tracer"] is not None else None}
+    return {"format": "ptd-train-v1", "iteration": iteration, "gaussians": state.gaussians.capture(),
+            "sampler": state.sampler.state_dict(), "guidance": state.guidance.state_dict(),
+            "aug_generator": state.gen.get_state(), "rng": rng_state(), "nonfinite_streak": state.nonfinite_streak,
+            "tracer": state.tracer.state_dict() if state.tracer is not None else None}
 
 
-def save_checkpoint(cfg: Config, state: dict, iteration: int, keep: int = 2) -> Path:
-    from utils.general import atomic_path
-
+def save_checkpoint(cfg: Config, state: TrainState, iteration: int, keep: int = 2) -> Path:
     folder = run_dir(cfg) / CHECKPOINT_DIR
     path = folder / f"iteration_{iteration:06d}.pt"
     with atomic_path(path, suffix=".pt") as tmp:
@@ -214,7 +222,7 @@ def save_checkpoint(cfg: Config, state: dict, iteration: int, keep: int = 2) -> 
     return path
 
 
-def restore(cfg: Config, state: dict) -> int:
+def restore(cfg: Config, state: TrainState) -> int:
     """Load the newest checkpoint into `state`; returns the iteration it was taken after."""
     ckpts = sorted((run_dir(cfg) / CHECKPOINT_DIR).glob("iteration_*.pt"))
     if not ckpts:
@@ -224,21 +232,19 @@ def restore(cfg: Config, state: dict) -> int:
     except Exception:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise RunError(f"checkpoint {ckpts[-1]} is unreadable (truncated?); delete it to resume from the one "
                        f"before") from None
-    state["gaussians"].restore(ckpt["gaussians"], cfg.OptimizationParams)
-    state["sampler"].load_state_dict(ckpt["sampler"])
-    state["guidance"].load_state_dict(ckpt["guidance"])
-    state["gen"].set_state(ckpt["aug_generator"])
-    if state["tracer"] is not None:
-        state["tracer"].load_state_dict(ckpt["tracer"])
+    state.gaussians.restore(ckpt["gaussians"], cfg.OptimizationParams)
+    state.sampler.load_state_dict(ckpt["sampler"])
+    state.guidance.load_state_dict(ckpt["guidance"])
+    state.gen.set_state(ckpt["aug_generator"])
+    if state.tracer is not None:
+        state.tracer.load_state_dict(ckpt["tracer"])
     set_rng_state(ckpt["rng"])
-    state["nonfinite_streak"] = int(ckpt["nonfinite_streak"])
+    state.nonfinite_streak = int(ckpt["nonfinite_streak"])
     return int(ckpt["iteration"])
 
 
 def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> None:
     """Never overwrite a finished or partial stage-2 run silently."""
-    import shutil
-
     folder = run_dir(cfg)
     existing = [folder / name for name in STAGE2_OUTPUTS if (folder / name).exists()]
     if existing and not (resume or overwrite):
@@ -250,42 +256,41 @@ def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def setup(cfg: Config, device: torch.device) -> dict:
+def setup(cfg: Config, device: torch.device) -> TrainState:
     gaussians = initial_gaussians(cfg, device, create=cfg.PTDParams.mode == "off")
     gaussians.training_setup(cfg.OptimizationParams)
     guidance = make_guidance(cfg, device)
     tracer = make_tracer(cfg, guidance)
     seed_everything(cfg.seed)  # the loop's global stream starts alike in both arms, whatever the setup drew
-    return {"gaussians": gaussians, "guidance": guidance, "tracer": tracer, "sampler": make_sampler(cfg, device),
-            "gen": torch.Generator().manual_seed(cfg.seed), "bg": background(cfg, device),
-            "tests": test_iterations(cfg), "nonfinite_streak": 0}
+    return TrainState(gaussians=gaussians, guidance=guidance, tracer=tracer, sampler=make_sampler(cfg, device),
+                      gen=torch.Generator().manual_seed(cfg.seed), bg=background(cfg, device),
+                      tests=test_iterations(cfg))
 
 
 def prepare_run(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -> None:
     """Every check before anything of stage 2 is written."""
     validate(cfg, device)
     if cfg.PTDParams.mode != "off":
-        from guidance.lora_training import read_lora_metadata
-        check_path_metadata(read_lora_metadata(path_lora_dir(cfg)), cfg, path_lora_dir(cfg))
+        check_path_metadata(cfg)
     saved = run_dir(cfg) / "config.yaml"
     if resume and saved.is_file() and load_config(saved) != cfg:
         raise RunError(f"--resume: this config differs from the run's {saved}; resume with --opt {saved} --resume")
     check_run_folder(cfg, resume, overwrite)
 
 
-def write_outputs(cfg: Config, state: dict, iteration: int, device: torch.device) -> None:
+def write_outputs(cfg: Config, state: TrainState, iteration: int, device: torch.device) -> None:
     """Test views, PLY and videos due at this iteration (each written atomically)."""
     o = cfg.OptimizationParams
     with torch.no_grad():
-        if iteration in state["tests"]:
-            save_test_views(cfg, state["gaussians"], iteration, device)
+        if iteration in state.tests:
+            save_test_views(cfg, state.gaussians, iteration, device)
         if iteration in set(o.save_iterations) | {o.iterations}:
-            save_point_cloud(cfg, state["gaussians"], iteration)
+            save_point_cloud(cfg, state.gaussians, iteration)
             if cfg.save_video:
-                save_video(cfg, state["gaussians"], iteration, device)
+                save_video(cfg, state.gaussians, iteration, device)
 
 
-def run_loop(cfg: Config, state: dict, start: int, device: torch.device, writer) -> None:
+def run_loop(cfg: Config, state: TrainState, start: int, device: torch.device, writer) -> None:
     o = cfg.OptimizationParams
     interrupted: list[bool] = []
     # Ctrl-C, and SIGTERM (what SLURM, Kubernetes and `kill` send before a pre-emption's SIGKILL): finish the
@@ -299,14 +304,15 @@ def run_loop(cfg: Config, state: dict, start: int, device: torch.device, writer)
             tic = time.perf_counter()
             logs = train_step(cfg, iteration, state)
             logs["iter_time"] = time.perf_counter() - tic
-            state["nonfinite_streak"] = state["nonfinite_streak"] + 1 if logs["nonfinite/skipped"] else 0
+            state.nonfinite_streak = state.nonfinite_streak + 1 if logs["nonfinite/skipped"] else 0
             for key, value in logs.items():
                 writer.add_scalar(key, value, iteration)
             bar.set_postfix(points=logs["scene/total_points"], t=logs["guidance/t_index"],
                             w=f"{logs.get('ptd/weight', 0.0):.3f}")
-            state["monitor"](iteration, state, writer)  # metrics.jsonl: matching loss + CLIP (EvalParams)
-            if state["nonfinite_streak"] >= o.max_nonfinite_steps:
-                raise RunError(f"{state['nonfinite_streak']} iterations in a row had a non-finite loss or gradient "
+            # metrics.jsonl: matching loss + CLIP (EvalParams), under the network this iteration used
+            state.monitor(iteration, state.gaussians, state.guidance, logs.get("ptd/weight"), writer)
+            if state.nonfinite_streak >= o.max_nonfinite_steps:
+                raise RunError(f"{state.nonfinite_streak} iterations in a row had a non-finite loss or gradient "
                                f"(last: {iteration}) and were skipped; stopping. The last good checkpoint is kept in "
                                f"{run_dir(cfg) / CHECKPOINT_DIR}: lower the learning rates or lambda_guidance, then "
                                f"--resume")
@@ -325,14 +331,14 @@ def run_loop(cfg: Config, state: dict, start: int, device: torch.device, writer)
 
 def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run stage 2; returns the final PLY path."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard's import is slow: only when a run starts
 
-    device = select_device(cfg)
+    device = resolve_device(cfg.device)
     prepare_run(cfg, device, resume, overwrite)
     configure_torch(cfg)
     state = setup(cfg, device)
     start = restore(cfg, state) + 1 if resume else 1
-    state["monitor"] = TrainingMonitor.create(cfg, state, device, start=start)  # no-op unless metrics_interval > 0
+    state.monitor = TrainingMonitor.create(cfg, state.guidance, device, start=start)  # off unless metrics_interval > 0
     save_config(cfg, run_dir(cfg) / "config.yaml")
     writer = SummaryWriter(str(run_dir(cfg)))
     try:

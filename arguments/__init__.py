@@ -11,7 +11,6 @@ import difflib
 import os
 import re
 import sys
-import tempfile
 import typing
 import warnings
 from pathlib import Path
@@ -19,12 +18,14 @@ from typing import Any, Sequence
 
 import yaml
 
+from arguments.errors import ConfigError, RunError
 from arguments.params import (STOCK_UNUSED, Config, EvalParams, GenerateCamParams, GuidanceParams, ModelParams,
                               OptimizationParams, PipelineParams, PTDParams)
+from utils.files import write_text_atomic
 
-__all__ = ["Config", "ConfigError", "EvalParams", "GenerateCamParams", "GuidanceParams", "ModelParams", "OptimizationParams",
-           "PipelineParams", "PTDParams", "apply_override", "config_from_dict", "config_to_dict", "load_config",
-           "parse_cli", "save_config", "run_dir"]
+__all__ = ["Config", "ConfigError", "RunError", "EvalParams", "GenerateCamParams", "GuidanceParams", "ModelParams",
+           "OptimizationParams", "PipelineParams", "PTDParams", "apply_override", "config_from_dict", "config_to_dict",
+           "load_config", "parse_cli", "save_config", "run_dir"]
 
 # the YAML sections, in file order
 GROUPS = ["ModelParams", "PipelineParams", "OptimizationParams", "GuidanceParams", "GenerateCamParams", "PTDParams",
@@ -48,10 +49,6 @@ _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+
 def yaml_load(text: str):
     """Parse YAML text with YAML 1.2 booleans and exponent floats."""
     return yaml.load(text, Loader=_Yaml12Loader)
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message is one line naming the source, the key and the fix."""
 
 
 def _closest(key: str, valid: Sequence[str]) -> str:
@@ -167,13 +164,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (loads back with --opt)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".yaml")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def run_dir(cfg: Config) -> Path:

@@ -57,8 +57,6 @@ class OptimizationParams:
     rotation_lr: float = 0.001
     # quaternion lr at the last iteration
     rotation_lr_final: float = 0.0002
-    # lr of the trained background colour (stock: feature_lr, constant)
-    background_lr: float = 0.005
     # probability of encoding the normalised disparity instead of RGB (geometry supervision)
     as_latent_ratio: float = 0.2
     # Gaussians larger than percent_dense * scene extent are split, smaller ones cloned
@@ -236,7 +234,7 @@ class PTDParams:
     # path LoRA folder (default: <output_root>/<workspace>/path_lora)
     path_lora: Optional[str] = None
     # stage 2: fold w * LoRA into the attention weights at each weight change instead of running peft's low-rank
-    # branch in every UNet call (ptd_utils.merge_lora; same path, cheaper calls on a GPU, docs/benchmarks.md)
+    # branch in every UNet call (lora_merge.merge_lora; same path, cheaper calls on a GPU, docs/benchmarks.md)
     merge_lora: bool = False
 
 

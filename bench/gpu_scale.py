@@ -145,21 +145,22 @@ def lora_flops(batch: int, latent: int) -> tuple[int, int, int]:
 
 
 def set_scale_cost(repeats: int = 2000) -> tuple[float, int]:
-    """Median seconds of guidance.ptd_utils.set_lora_scale on SD 2.1-base's UNet with the path LoRA (meta device:
-    the call touches only Python attributes), and the number of LoRA layers."""
+    """Median seconds of guidance.lora_merge.set_scale (what the tracer calls) on SD 2.1-base's UNet with the path
+    LoRA (meta device: the call touches only Python attributes), and the number of LoRA layers."""
+    from guidance.lora_merge import set_scale
     from guidance.lora_training import add_path_lora
-    from guidance.ptd_utils import _lora_layers, set_lora_scale
 
     unet, _ = meta_unet_and_vae()
     with torch.device("meta"):
         add_path_lora(unet, adapter_name="ptd_path")
-    set_lora_scale(unet, 1.0, "ptd_path")  # the first call gathers the layers
+    set_scale(unet, 1.0, "ptd_path")  # the first call gathers the layers
     times = []
     for i in range(repeats):
         t0 = time.perf_counter()
-        set_lora_scale(unet, 0.5 + 1e-4 * i, "ptd_path")
+        set_scale(unet, 0.5 + 1e-4 * i, "ptd_path")
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(_lora_layers(unet, "ptd_path"))
+    layers = sum("ptd_path" in m.scaling for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))
+    return statistics.median(times), layers
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     print(f"UNet forward at batch {args.batch}: {base / 1e9:.1f} GFLOP; with the rank-4 path LoRA "
           f"+{100 * (with_lora - base) / base:.2f}%; LoRA training step (fwd+bwd) {train_step_flops / 1e9:.1f} GFLOP")
     cost, layers = set_scale_cost()
-    print(f"set_lora_scale on the {layers} LoRA layers of the SD 2.1-base UNet: {cost * 1e3:.3f} ms per call (CPU)")
+    print(f"set_scale on the {layers} LoRA layers of the SD 2.1-base UNet: {cost * 1e3:.3f} ms per call (CPU)")
     with tempfile.TemporaryDirectory(prefix="gpu_scale_") as tmp:
         vanilla_cfg, ptd_cfg = make_configs(args, model_dir, tmp)
         from ptd_overhead import form_path_lora, sync

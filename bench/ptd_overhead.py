@@ -102,11 +102,11 @@ def instrument(timer: PhaseTimer, states):
     train.densify = timer.wrap("densify", saved_module["densify"])
     torch.Tensor.backward = timer.wrap("backward", saved_backward)
     for state in states:
-        g = state["guidance"]
+        g = state.guidance
         g.encode_images = timer.wrap("vae_encode", type(g).encode_images.__get__(g))
         g.unet_eps = timer.wrap("unet", type(g).unet_eps.__get__(g))
-        if state["tracer"] is not None:
-            state["tracer"].apply = timer.wrap("ptd_set_scale", type(state["tracer"]).apply.__get__(state["tracer"]))
+        if state.tracer is not None:
+            state.tracer.apply = timer.wrap("ptd_set_scale", type(state.tracer).apply.__get__(state.tracer))
     try:
         yield
     finally:
@@ -115,14 +115,14 @@ def instrument(timer: PhaseTimer, states):
         torch.Tensor.backward = saved_backward
         for state in states:
             for attr in ("encode_images", "unet_eps"):
-                state["guidance"].__dict__.pop(attr, None)
-            if state["tracer"] is not None:
-                state["tracer"].__dict__.pop("apply", None)
+                state.guidance.__dict__.pop(attr, None)
+            if state.tracer is not None:
+                state.tracer.__dict__.pop("apply", None)
 
 
 def wrap_optimizer(timer: PhaseTimer, state) -> None:
     """Time the Adam step (re-wrapped if densification or a restore replaced the optimizer)."""
-    opt = state["gaussians"].optimizer
+    opt = state.gaussians.optimizer
     if not getattr(opt.step, "_phase_timed", False):  # torch's own step wrapper has __wrapped__: mark ours
         opt.step = timer.wrap("optimizer", opt.step)
         opt.step._phase_timed = True
@@ -133,7 +133,7 @@ class Arm:
 
     def __init__(self, name: str, cfg, device: torch.device):
         import train
-        from utils.general import rng_state
+        from utils.rng import rng_state
 
         self.name, self.cfg, self.device = name, cfg, device
         self.state = train.setup(cfg, device)
@@ -147,7 +147,7 @@ class Arm:
 
     def step(self, iteration: int, timer: PhaseTimer | None = None, memory=None) -> float:
         import train
-        from utils.general import rng_state, set_rng_state
+        from utils.rng import rng_state, set_rng_state
 
         set_rng_state(self.rng)
         phases = dict.fromkeys(PHASES, 0.0)
@@ -240,40 +240,40 @@ def median_call_time(fn, repeats: int, device: torch.device) -> float:
 
 
 def set_scale_cost(ptd_arm: Arm, repeats: int = 2000) -> tuple[float, int]:
-    """Median seconds of one set_lora_scale on the PTD UNet (the whole per-iteration PTD bookkeeping), layers."""
-    from guidance.ptd_utils import _lora_layers, set_lora_scale
-    from utils.run_setup import PATH_ADAPTER
+    """Median seconds of one lora_merge.set_scale (what the tracer calls) on the PTD UNet (the whole per-iteration
+    PTD bookkeeping), and the number of LoRA layers with the path adapter."""
+    from guidance.lora_merge import scale, set_scale
+    from stages.run import PATH_ADAPTER
 
-    unet = ptd_arm.state["guidance"].unet
-    weight = ptd_arm.state["tracer"].last_weight or 0.0
-    cost = median_call_time(lambda: set_lora_scale(unet, 0.37, PATH_ADAPTER), repeats, torch.device("cpu"))
-    set_lora_scale(unet, weight, PATH_ADAPTER)
-    return cost, len(_lora_layers(unet, PATH_ADAPTER))
+    unet = ptd_arm.state.guidance.unet
+    with scale(unet, 0.37, PATH_ADAPTER):  # the tracer's scalings (and parking, merged weights) come back after
+        cost = median_call_time(lambda: set_scale(unet, 0.37, PATH_ADAPTER), repeats, torch.device("cpu"))
+    layers = sum(PATH_ADAPTER in m.scaling for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))
+    return cost, layers
 
 
 @torch.no_grad()
 def lora_forward_cost(vanilla: Arm, ptd: Arm, batch: int, repeats: int) -> tuple[float, float, float]:
     """Median seconds of one UNet call (batch x latents of the config): vanilla, PTD at w = 0.5 (LoRA branch
     computed), PTD at w = 0 (adapter parked: only peft's wrapper remains); interleaved."""
-    from guidance.ptd_utils import get_lora_scale, set_lora_scale
-    from utils.run_setup import PATH_ADAPTER
+    from guidance.lora_merge import scale, set_scale
+    from stages.run import PATH_ADAPTER
 
-    g_v, g_p = vanilla.state["guidance"], ptd.state["guidance"]
+    g_v, g_p = vanilla.state.guidance, ptd.state.guidance
     c = vanilla.cfg.GenerateCamParams
     f = g_v.vae_scale_factor
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, c.image_h // f, c.image_w // f, generator=gen).to(g_v.device)
     emb = g_v.embeddings["text"].expand(batch, -1, -1)
-    before = get_lora_scale(g_p.unet, PATH_ADAPTER)
     variants = [(g_v, None, []), (g_p, 0.5, []), (g_p, 0.0, [])]
-    for i in range(repeats + 1):
-        for g, weight, out in (variants if i % 2 == 0 else variants[::-1]):
-            if weight is not None:
-                set_lora_scale(g.unet, weight, PATH_ADAPTER)
-            t = median_call_time(lambda: type(g).unet_eps(g, x, 100, emb), 1, g.device)
-            if i > 0:
-                out.append(t)
-    set_lora_scale(g_p.unet, before, PATH_ADAPTER)
+    with scale(g_p.unet, 0.5, PATH_ADAPTER):  # the tracer's scalings come back on exit
+        for i in range(repeats + 1):
+            for g, weight, out in (variants if i % 2 == 0 else variants[::-1]):
+                if weight is not None:
+                    set_scale(g.unet, weight, PATH_ADAPTER)
+                t = median_call_time(lambda: type(g).unet_eps(g, x, 100, emb), 1, g.device)
+                if i > 0:
+                    out.append(t)
     return tuple(statistics.median(v[2]) for v in variants)
 
 
@@ -327,9 +327,9 @@ def _q(values, q: float) -> float:
 
 def lora_size(ptd: Arm) -> tuple[int, int]:
     from guidance.lora_training import lora_parameters
-    from utils.run_setup import PATH_ADAPTER
+    from stages.run import PATH_ADAPTER
 
-    params = lora_parameters(ptd.state["guidance"].unet, PATH_ADAPTER)
+    params = lora_parameters(ptd.state.guidance.unet, PATH_ADAPTER)
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
@@ -363,7 +363,7 @@ def run(vanilla_cfg, ptd_cfg, device: torch.device, iterations: int, warmup: int
                 print(f"  iteration {it}/{iterations}: vanilla {vanilla.times[-1]:.3f} s, PTD {ptd.times[-1]:.3f} s",
                       file=sys.stderr, flush=True)
     cost, layers = set_scale_cost(ptd)
-    extras["lines"].append(f"set_lora_scale on the PTD UNet ({layers} LoRA layers): {cost * 1e3:.4f} ms per call")
+    extras["lines"].append(f"set_scale on the PTD UNet ({layers} LoRA layers): {cost * 1e3:.4f} ms per call")
     g = vanilla_cfg.GuidanceParams
     for batch in (g.C_batch_size, 2 * g.C_batch_size):
         a, b, c = lora_forward_cost(vanilla, ptd, batch, micro_repeats)
@@ -388,16 +388,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--output-root", default=None, help="where stage 1 writes (default: a temporary folder)")
     ap.add_argument("--no-park", action="store_true", help="keep computing the LoRA branch at w = 0 (the behaviour "
-                    "before set_lora_scale parked the adapter), for an A/B of that optimisation")
+                    "before weight 0 parked the adapter), for an A/B of that optimisation")
     ap.add_argument("overrides", nargs="*", help="Section.key=value config overrides")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_park:
         import guidance.ptd_utils as ptd_utils
-        ptd_utils._park = lambda layer, adapter: None
+        ptd_utils._set_branch = lambda layer, adapter, on: None  # parking (merged mode keeps its own reference)
         print("--no-park: the LoRA branch is computed at w = 0 (scaled by 0)")
-    from utils.run_setup import select_device
+    from utils.device import resolve_device
 
     with tempfile.TemporaryDirectory(prefix="ptd_overhead_") as tmp:
         vanilla_cfg, ptd_cfg = make_configs(args.opt, args.overrides, args.output_root or tmp, args.path_epochs)
@@ -406,7 +406,7 @@ def main(argv=None) -> int:
             ap.error(f"--iterations {iterations} must exceed --warmup {args.warmup}")
         for cfg in (vanilla_cfg, ptd_cfg):
             cfg.OptimizationParams.iterations = max(cfg.OptimizationParams.iterations, iterations)
-        device = select_device(ptd_cfg)
+        device = resolve_device(ptd_cfg.device)
         t0 = time.perf_counter()
         form_path_lora(ptd_cfg)
         print(f"stage 1 (path LoRA, {args.path_epochs} epochs) for the PTD arm: {time.perf_counter() - t0:.1f} s "

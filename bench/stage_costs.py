@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-REPORT_BATCH = 8  # form_path.encode_all and lora_training.denoising_loss batch size
+REPORT_BATCH = 8  # StableDiffusionGuidance.encode and lora_training.denoising_loss batch size
 
 
 # ---------------------------------------------------------------------------------------------- A. measured run
@@ -78,15 +78,15 @@ def measured_run(cfg) -> dict:
     """form_path.main + train.main on cfg, with per-phase times."""
     import form_path
     import train
-    from guidance import lora_training
+    from guidance.sd_utils import StableDiffusionGuidance
 
     warm_up(cfg)
 
     s1, n1 = defaultdict(float), defaultdict(int)
     t0 = time.perf_counter()
-    with patched(form_path, ("initial_gaussians", "make_guidance", "render_views", "encode_all", "loss_report",
-                             "plot_report"), s1, n1), \
-            patched(lora_training, ("fit_lora", "save_lora"), s1, n1), contextlib.redirect_stdout(sys.stderr):
+    with patched(form_path, ("initial_gaussians", "make_guidance", "stage1_views", "loss_report",
+                             "plot_denoising_report", "fit_lora", "save_lora"), s1, n1), \
+            patched(StableDiffusionGuidance, ("encode",), s1, n1), contextlib.redirect_stdout(sys.stderr):
         form_path.main(cfg, overwrite=True)
     s1["total"] = time.perf_counter() - t0
     s2, n2 = defaultdict(float), defaultdict(int)
@@ -123,8 +123,8 @@ def print_measured(cfg, run: dict) -> float:
           f"{math.ceil(p.num_views / p.lora_batch_size)} steps = {steps} LoRA steps; stage 2 = "
           f"{cfg.OptimizationParams.iterations} iterations")
     print(f"{'stage 1 phase':22} {'calls':>5} {'s':>8} | {'stage 2 phase':22} {'calls':>5} {'s':>8}")
-    left = [k for k in ("make_guidance", "initial_gaussians", "render_views", "encode_all", "fit_lora", "save_lora",
-                        "loss_report", "plot_report", "total")]
+    left = [k for k in ("make_guidance", "initial_gaussians", "stage1_views", "encode", "fit_lora", "save_lora",
+                        "loss_report", "plot_denoising_report", "total")]
     right = [k for k in ("setup", "train_step", "save_test_views", "save_video", "save_point_cloud", "save_checkpoint",
                          "total")]
     for i in range(max(len(left), len(right))):
@@ -143,8 +143,8 @@ def unit_costs(cfg, run: dict) -> dict:
     p = cfg.PTDParams
     steps = p.path_epochs * math.ceil(p.num_views / p.lora_batch_size)
     return {"setup1": s1["make_guidance"] + s1["initial_gaussians"],
-            "render": s1["render_views"] / p.num_views,
-            "encode8": s1["encode_all"] / math.ceil(p.num_views / REPORT_BATCH),
+            "render": s1["stage1_views"] / p.num_views,
+            "encode8": s1["encode"] / math.ceil(p.num_views / REPORT_BATCH),
             "lora_step": s1["fit_lora"] / steps,
             "report8": s1["loss_report"] / (2 * 10 * math.ceil(p.num_views / REPORT_BATCH)),
             "save": s1["save_lora"] / max(1, run["stage1"][1].get("save_lora", 1)),

@@ -18,12 +18,10 @@ from typing import Optional
 
 import torch
 
+from gaussian_renderer.errors import BackendUnavailableError
+
 BACKENDS = ("auto", "torch", "gsplat", "inria")
 SCALE_NOISE_STD = math.sqrt(0.2) / 4.0  # LucidDreamer: s + N(0, 1) sqrt(0.2) s / 4
-
-
-class BackendUnavailableError(RuntimeError):
-    """A rasteriser backend was asked for where it cannot run (no CUDA, package missing)."""
 
 
 def _importable(module: str) -> bool:
@@ -102,6 +100,13 @@ def render(camera, gaussians, bg_color: torch.Tensor, *, backend: str = "auto", 
     return out
 
 
+@torch.no_grad()
+def render_views(cameras, gaussians, bg_color: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Plain renders of `cameras` (no augmentation, no gradients), stacked: [N, 3, H, W] in [0, 1]. The one helper
+    behind every "render these views" of the project (stage 1's renders, the probe, the monitor, CLIP's rig)."""
+    return torch.stack([render(cam, gaussians, bg_color, backend=backend)["render"] for cam in cameras]).clamp(0, 1)
+
+
 def disparity(depth: torch.Tensor, alpha: torch.Tensor, focal: float) -> torch.Tensor:
     """LucidDreamer's normalised disparity, the geometry image encoded instead of RGB for as_latent_ratio of steps.
 
@@ -127,4 +132,5 @@ def disparity(depth: torch.Tensor, alpha: torch.Tensor, focal: float) -> torch.T
     return torch.clamp((disp - d0) / span, 0.0, 1.0)
 
 
-__all__ = ["render", "disparity", "resolve_backend", "noisy_scales", "BackendUnavailableError", "BACKENDS"]
+__all__ = ["render", "render_views", "disparity", "resolve_backend", "noisy_scales", "BackendUnavailableError",
+           "BACKENDS"]

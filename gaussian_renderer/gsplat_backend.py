@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from gaussian_renderer.errors import BackendUnavailableError
+
 
 def _intrinsics(camera, like: torch.Tensor) -> torch.Tensor:
     w, h = int(camera.image_width), int(camera.image_height)
@@ -41,7 +43,6 @@ def render_gsplat(camera, means: torch.Tensor, features: Optional[torch.Tensor],
     try:
         from gsplat import rasterization
     except ImportError as err:
-        from gaussian_renderer import BackendUnavailableError
         raise BackendUnavailableError(f"backend 'gsplat' is not importable ({err}); `pip install gsplat` "
                                       "or use PipelineParams.backend=torch") from err
     width, height = int(camera.image_width), int(camera.image_height)

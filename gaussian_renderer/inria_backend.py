@@ -12,12 +12,13 @@ from typing import Optional
 
 import torch
 
+from gaussian_renderer.errors import BackendUnavailableError
+
 
 def render_inria(camera, means: torch.Tensor, features: Optional[torch.Tensor], opacities: torch.Tensor,
                  scales: torch.Tensor, rotations: torch.Tensor, bg_color: torch.Tensor, sh_degree: int,
                  scaling_modifier: float = 1.0, override_color: Optional[torch.Tensor] = None) -> dict:
     """Same inputs and outputs as torch_backend.render_torch (CUDA float32 tensors)."""
-    from gaussian_renderer import BackendUnavailableError
     try:
         from diff_gaussian_rasterization import GaussianRasterizationSettings, GaussianRasterizer
     except ImportError as err:

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from scene.geometry import quat_to_rotmat
 from scene.sh_utils import eval_sh
 
 NEAR_CULL = 0.2  # 3DGS culls Gaussians whose view-space depth is <= 0.2
@@ -36,17 +37,6 @@ class Projected:
     px_hi: torch.Tensor  # [N, 2] int64 last covered pixel (x, y), clamped to the image
     visible: torch.Tensor  # [N] bool
     eig_max: torch.Tensor  # [N] lambda of the radius: an upper bound of the 2D covariance's largest eigenvalue (px^2)
-
-
-def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
-    """Unit quaternion (w, x, y, z) [N, 4] -> rotation matrix [N, 3, 3]."""
-    w, x, y, z = q.unbind(-1)
-    rows = (
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    )
-    return torch.stack(rows, dim=-1).reshape(q.shape[:-1] + (3, 3))
 
 
 def covariance_3d(scales: torch.Tensor, quats: torch.Tensor, modifier: float = 1.0) -> torch.Tensor:

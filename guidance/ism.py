@@ -125,7 +125,7 @@ def sds_grad(pred_eps_t: torch.Tensor, eps: torch.Tensor, abar_t: float | torch.
     return ism_grad(pred_eps_t, eps, abar_t, lambda_guidance)
 
 
-def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: eps_uncond + scale (eps_cond - eps_uncond) (Ho & Salimans 2022).
 
     In ISM the unconditional branch is the NEGATIVE-prompt prediction (stock LucidDreamer)."""

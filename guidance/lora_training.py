@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from utils.files import atomic_folder
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
 METADATA_NAME = "ptd_path.json"
@@ -223,17 +223,6 @@ def _json_default(obj):
     raise TypeError(f"LoRA metadata value of type {type(obj).__name__} is not JSON-serialisable: pass plain values")
 
 
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Put the finished `tmp` in place of `folder`; the old folder (if any) is moved aside first and then removed."""
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old_"))
-        os.replace(folder, old / folder.name)
-    os.replace(tmp, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_lora(folder: str | os.PathLike, unet: torch.nn.Module, adapter_name: str = "ptd_path",
               metadata: Mapping | None = None, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter as a diffusers LoRA folder (with its peft config) plus `ptd_path.json`, atomically.
@@ -253,16 +242,14 @@ def save_lora(folder: str | os.PathLike, unet: torch.nn.Module, adapter_name: st
     info = {"adapter_name": adapter_name, "rank": config.r, "lora_alpha": config.lora_alpha,
             "target_modules": config.target_modules, "weight_name": WEIGHT_NAME, **(metadata or {})}
     text = json.dumps(info, indent=2, default=_json_default)  # fail before writing anything
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp_"))
-    try:
+    adapter = config.to_dict()  # without it in the file, lora_alpha reloads as r
+    if isinstance(adapter.get("target_modules"), set):  # peft keeps a set: sorted, the file's bytes are reproducible
+        adapter["target_modules"] = sorted(adapter["target_modules"])
+    with atomic_folder(folder) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(state), weight_name=WEIGHT_NAME,
-            unet_lora_adapter_metadata=config.to_dict())  # without it lora_alpha reloads as r
+            unet_lora_adapter_metadata=adapter)
         (tmp / METADATA_NAME).write_text(text)
-        _replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

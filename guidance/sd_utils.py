@@ -12,11 +12,13 @@ state `state_dict()` saves for an exact resume.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
 import torch
 
+from arguments.checks import check_guidance_params
 from arguments.params import GuidanceParams
 from guidance import ism
 from guidance.perpneg import perpneg_cfg, perpneg_view
@@ -63,21 +65,6 @@ def load_prior(path: str, device: torch.device, dtype: torch.dtype, prior_lora: 
         module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def check_guidance_params(gp: GuidanceParams) -> None:
-    """One-line ValueErrors for settings the guidance cannot run."""
-    if not gp.text.strip():
-        raise ValueError("GuidanceParams.text is empty; set the prompt, e.g. GuidanceParams.text='a DSLR photo of a "
-                         "hamburger'")
-    if gp.xs_eta != 0:
-        raise ValueError(f"GuidanceParams.xs_eta={gp.xs_eta}: only the deterministic DDIM inversion (0, stock) is "
-                         "implemented")
-    if gp.xs_delta_t <= 0 or gp.xs_inv_steps <= 0:
-        raise ValueError("GuidanceParams.xs_delta_t and xs_inv_steps must be positive (stock: 200 and 5)")
-    if not 0 <= gp.t_range[0] < gp.t_range[1] <= gp.max_t_range <= 1:
-        raise ValueError(f"GuidanceParams needs 0 <= t_range[0] < t_range[1] <= max_t_range <= 1, got t_range="
-                         f"{list(gp.t_range)}, max_t_range={gp.max_t_range}")
 
 
 class StableDiffusionGuidance:
@@ -163,10 +150,59 @@ class StableDiffusionGuidance:
         latents = posterior.sample(generator=self.generator) * self.vae.config.scaling_factor
         return latents.to(images.dtype)
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, *, mean: bool = False, batch: int = 8) -> torch.Tensor:
+        """Latents of many images, `batch` at a time, without gradients: images [N, 3, H, W] in [0, 1] -> [N, 4, h, w].
+
+        mean=False: the posterior SAMPLE of `encode_images` (draws from the guidance generator: stage 1's cached
+        renders, like stage 2's steps); mean=True: the posterior MEAN in fp32, which draws nothing (measurements,
+        which must not move the training step's stream)."""
+        out = []
+        for i in range(0, images.shape[0], batch):
+            if not mean:
+                out.append(self.encode_images(images[i:i + batch]))
+                continue
+            x = (2 * images[i:i + batch] - 1).to(self.device, self.dtype)
+            out.append(self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor)
+        return torch.cat(out)
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, 4, h, w] -> images [B, 3, h f, w f] in [0, 1] (latents' dtype)."""
         images = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
         return (images.to(latents.dtype) / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def sample_prior_latents(self, n: int, seed: int, height: int, width: int, steps: int,
+                             batch: int = 8) -> torch.Tensor:
+        """n samples of the prior for GuidanceParams.text -> latents [n, 4, h, w] (posterior means, fp32).
+
+        DDIM with classifier-free guidance (GuidanceParams.guidance_scale and .negative, the pair the guidance itself
+        uses) through a diffusers pipeline over these modules with its own DDIM scheduler; every LoRA adapter at
+        weight 0 (the pretrained prior); the noise from a CPU generator seeded `seed`, so the global streams never
+        move. Decoded to images and re-encoded (`encode(mean=True)`), so that samples reach the latent space through
+        the same encoder as renders."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        from guidance.lora_merge import scale
+
+        gp = self.gp
+        components = dict(self.pipe.components)
+        components["scheduler"] = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator().manual_seed(int(seed))
+        prior = scale(self.unet, 0.0, None) if getattr(self.unet, "peft_config", None) else contextlib.nullcontext()
+        images = []
+        with prior, torch.random.fork_rng(devices=[]):
+            for start in range(0, n, batch):
+                k = min(batch, n - start)
+                noise = torch.randn((k, self.unet.config.in_channels, height // self.vae_scale_factor,
+                                     width // self.vae_scale_factor), generator=gen)
+                latents = pipe(prompt=gp.text, negative_prompt=gp.negative or None, num_images_per_prompt=k,
+                               num_inference_steps=steps, guidance_scale=gp.guidance_scale, height=height,
+                               width=width, latents=noise.to(self.device, self.dtype), output_type="latent").images
+                images.append(self.decode_latents(latents.float()))
+        return self.encode(torch.cat(images), mean=True)
 
     @torch.no_grad()
     def text_embeddings(self, prompt: str) -> torch.Tensor:
@@ -232,7 +268,7 @@ class StableDiffusionGuidance:
             return self.unet_eps(x, index, e["inverse"].expand(b, -1, -1))
         emb = torch.cat([e["negative"].expand(b, -1, -1), e["inverse"].expand(b, -1, -1)])
         eps_neg, eps_inv = self.unet_eps(torch.cat([x, x]), index, emb).chunk(2)
-        return ism.cfg(eps_inv, eps_neg, gp.denoise_guidance_scale)
+        return ism.classifier_free_guidance(eps_inv, eps_neg, gp.denoise_guidance_scale)
 
     def invert(self, x0: torch.Tensor, noise: torch.Tensor, s: int, t: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,7 +292,7 @@ class StableDiffusionGuidance:
         if not gp.perpneg:
             emb = torch.cat([neg, self.view_embeddings(azimuths)])
             eps_uncond, eps_cond = self.unet_eps(torch.cat([x_t, x_t]), t, emb).chunk(2)
-            return ism.cfg(eps_uncond, eps_cond, gp.guidance_scale)
+            return ism.classifier_free_guidance(eps_uncond, eps_cond, gp.guidance_scale)
         pos, negs, weights = self.perpneg_embeddings(azimuths)
         out = self.unet_eps(x_t.repeat(2 + len(negs), 1, 1, 1), t, torch.cat([neg, pos, *negs]))
         out = out.chunk(2 + len(negs))

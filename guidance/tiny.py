@@ -12,9 +12,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
+
+from utils.files import atomic_folder
 
 # bumped whenever the architecture or the build changes, so an old cache is never reused
 TINY_VERSION = 1
@@ -41,17 +42,8 @@ def tiny_model_path(prediction_type: str = "epsilon", root: str | os.PathLike | 
     folder = root / f"tiny-sd-{prediction_type}-v{TINY_VERSION}"
     if (folder / "model_index.json").is_file():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build_"))
-    try:
+    with atomic_folder(folder, keep_existing=True) as tmp:  # a concurrent builder may have won, which is fine
         build_tiny_pipeline(prediction_type).save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)  # atomic: a concurrent builder may have won, which is fine
-        except OSError:
-            if not (folder / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

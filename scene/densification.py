@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from scene.geometry import quat_to_rotmat
+
 SPLIT_CHILDREN = 2
 SPLIT_SHRINK = 0.8 * SPLIT_CHILDREN  # children scales are s / 1.6
 BIG_WORLD_FRACTION = 0.1  # prune max(s) > 0.1 * extent
@@ -50,8 +52,6 @@ def densify_and_clone(model, selected: torch.Tensor) -> int:
 
 def densify_and_split(model, selected: torch.Tensor, generator: Optional[torch.Generator] = None) -> int:
     """Replace each selected Gaussian (selected [N'] over the first N' Gaussians) by 2 smaller children."""
-    from gaussian_renderer.projection import quat_to_rotmat
-
     idx = selected.nonzero().squeeze(1)
     if idx.numel() == 0:
         return 0

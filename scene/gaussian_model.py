@@ -7,7 +7,8 @@ Stored (raw) parameters and activations (3DGS / LucidDreamer):
     _scaling [N, 3]             log s                 s = exp(_scaling)
     _rotation [N, 4]            q (w, x, y, z)        q / |q|
     _opacity [N, 1]             logit o               o = sigmoid(_opacity)
-    _background [3]             logit of the trained background colour, sigmoid (stock's checkpoint forgot it)
+Stock LucidDreamer also registers a "background" colour with Adam, but never renders it, so it never gets a gradient
+and never moves: it is left out here (the renders' background comes from the run's config and augmentation).
 Densification rules and their thresholds are in scene/densification.py.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from scene import densification
-from scene.initialization import mean_sq_dist_knn, validate_point_cloud
+from scene.point_cloud import mean_sq_dist_knn, validate_point_cloud
 from scene.ply_io import PlyFormatError, read_gaussian_ply, write_gaussian_ply
 from scene.sh_utils import num_sh_bases, rgb_to_sh
 
@@ -61,7 +62,6 @@ class GaussianModel:
         self._set_params({"xyz": self._zeros(0, 3), "f_dc": self._zeros(0, 1, 3),
                           "f_rest": self._zeros(0, num_sh_bases(sh_degree) - 1, 3), "opacity": self._zeros(0, 1),
                           "scaling": self._zeros(0, 3), "rotation": self._zeros(0, 4)})
-        self._background = nn.Parameter(self._zeros(3))  # sigmoid(0) = 0.5 grey, as stock
         self._reset_stats()
 
     # ---- parameters and activations ----
@@ -109,10 +109,6 @@ class GaussianModel:
     def get_opacity(self) -> torch.Tensor:
         return torch.sigmoid(self._opacity)
 
-    @property
-    def get_background(self) -> torch.Tensor:
-        return torch.sigmoid(self._background)
-
     def oneup_sh_degree(self) -> None:
         self.active_sh_degree = min(self.active_sh_degree + 1, self.max_sh_degree)
 
@@ -141,14 +137,14 @@ class GaussianModel:
     # ---- optimiser ----
     def training_setup(self, opt) -> None:
         """Adam (eps 1e-15) with one group per parameter; lrs from OptimizationParams (position x spatial_lr_scale,
-        f_rest = feature_lr / 20, background = background_lr or feature_lr)."""
+        f_rest = feature_lr / 20)."""
         self._training_args = opt
         self.percent_dense = float(opt.percent_dense)
         self._reset_stats()
         lrs = {"xyz": opt.position_lr_init * self.spatial_lr_scale, "f_dc": opt.feature_lr,
                "f_rest": opt.feature_lr / 20.0, "opacity": opt.opacity_lr, "scaling": opt.scaling_lr,
-               "rotation": opt.rotation_lr, "background": getattr(opt, "background_lr", opt.feature_lr)}
-        params = dict(self._params(), background=self._background)
+               "rotation": opt.rotation_lr}
+        params = self._params()
         groups = [{"params": [params[k]], "lr": lrs[k], "name": k} for k in lrs]
         self.optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
 
@@ -225,12 +221,11 @@ class GaussianModel:
 
     # ---- checkpoints and PLY ----
     def capture(self) -> dict:
-        """Everything needed to resume, by name (parameters, background, Adam state, statistics, degrees)."""
+        """Everything needed to resume, by name (parameters, Adam state, statistics, degrees)."""
         return {"format": "ptd-gaussians-v1", "max_sh_degree": self.max_sh_degree,
                 "active_sh_degree": self.active_sh_degree, "spatial_lr_scale": self.spatial_lr_scale,
                 "percent_dense": self.percent_dense,
                 "params": {k: v.detach().clone() for k, v in self._params().items()},
-                "background": self._background.detach().clone(),
                 "xyz_gradient_accum": self.xyz_gradient_accum.clone(), "denom": self.denom.clone(),
                 "max_radii2D": self.max_radii2D.clone(),
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
@@ -238,8 +233,8 @@ class GaussianModel:
     def restore(self, state: dict, training_args=None) -> None:
         """Inverse of capture(). The optimiser is rebuilt (from training_args, else the last training_setup's) and
         its state loaded when the checkpoint has one."""
-        need = ("max_sh_degree", "active_sh_degree", "spatial_lr_scale", "params", "background",
-                "xyz_gradient_accum", "denom", "max_radii2D", "optimizer")
+        need = ("max_sh_degree", "active_sh_degree", "spatial_lr_scale", "params", "xyz_gradient_accum", "denom",
+                "max_radii2D", "optimizer")
         missing = [k for k in need if k not in state] + [f"params.{k}" for k in PARAM_NAMES
                                                           if k not in state.get("params", {})]
         if missing:
@@ -248,7 +243,6 @@ class GaussianModel:
         self.active_sh_degree = int(state["active_sh_degree"])
         self.spatial_lr_scale = float(state["spatial_lr_scale"])
         self._set_params({k: state["params"][k].to(self.device, self.dtype) for k in PARAM_NAMES})
-        self._background = nn.Parameter(state["background"].to(self.device, self.dtype).clone())
         args = training_args if training_args is not None else self._training_args
         if args is not None:
             self.training_setup(args)

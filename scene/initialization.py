@@ -1,64 +1,23 @@
-"""Initial point clouds (sphere | point-cloud or mesh file | Point-E) and the Gaussians' initial scales.
+"""Initial point clouds: sphere | point-cloud or mesh file | Point-E.
 
-Scales follow stock simple-knn's distCUDA2: s = sqrt(mean squared distance to the 3 nearest other points), floored
-(squared) at 1e-7, isotropic; GaussianModel.create_from_pcd turns a PointCloud into Gaussians (log-scales,
-identity rotations, opacity 0.1, DC colour (rgb - 0.5) / Y_00).
+GaussianModel.create_from_pcd turns a PointCloud (scene/point_cloud.py) into Gaussians (log-scales from the kNN
+distances, identity rotations, opacity 0.1, DC colour (rgb - 0.5) / Y_00).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from scipy.spatial import cKDTree
 
+from scene.mesh_sampling import mesh_points
 from scene.ply_io import PlyFormatError, read_ply, read_point_cloud_ply
+from scene.point_cloud import InitError, PointCloud, validate_point_cloud
 from scene.rng import SeededRng
 from scene.sh_utils import SH_C0
 
 SCENE_RADIUS = 0.5  # the sphere initialisation's radius; meshes are scaled to it
-KNN_MIN_DIST2 = 1e-7  # simple-knn floor of the mean squared neighbour distance
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".off", ".stl")
-
-
-class InitError(ValueError):
-    """The initial 3D model cannot be built from what was given."""
-
-
-@dataclass
-class PointCloud:
-    points: np.ndarray  # [N, 3] float64
-    colors: np.ndarray  # [N, 3] float64 in [0, 1]
-
-
-def validate_point_cloud(points: np.ndarray, colors: Optional[np.ndarray], source: str) -> PointCloud:
-    """Check shapes and finiteness; missing colours become stock's grey (0.5)."""
-    points = np.asarray(points, dtype=np.float64)
-    if points.ndim != 2 or points.shape[1] != 3:
-        raise InitError(f"{source}: points must have shape [N, 3], got {list(points.shape)}")
-    if points.shape[0] == 0:
-        raise InitError(f"{source}: the point cloud is empty; give a file with at least one point")
-    if not np.isfinite(points).all():
-        bad = int((~np.isfinite(points).all(axis=1)).sum())
-        raise InitError(f"{source}: {bad} point(s) have NaN or infinite coordinates; clean the file first")
-    if colors is None:
-        colors = np.full_like(points, 0.5)
-    colors = np.asarray(colors, dtype=np.float64)
-    if colors.shape != points.shape or not np.isfinite(colors).all():
-        raise InitError(f"{source}: colours must be finite with shape {list(points.shape)}, got "
-                        f"{list(colors.shape)}")
-    return PointCloud(points, np.clip(colors, 0.0, 1.0))
-
-
-def mean_sq_dist_knn(points: np.ndarray, k: int = 3) -> np.ndarray:
-    """Mean squared distance of each point to its k nearest other points, floored at 1e-7 ([N] float64)."""
-    n = points.shape[0]
-    kk = min(k, n - 1)
-    if kk <= 0:
-        return np.full(n, KNN_MIN_DIST2)
-    dist, _ = cKDTree(points).query(points, k=kk + 1)  # column 0 is the point itself
-    return np.maximum((dist[:, 1:] ** 2).mean(axis=1), KNN_MIN_DIST2)
 
 
 def sphere_points(num_pts: int, generator, radius: float = SCENE_RADIUS) -> PointCloud:
@@ -113,7 +72,6 @@ def load_file_points(path: str, num_pts: int, generator, normalize: Optional[boo
             pcd = validate_point_cloud(points, colors, path)
             is_mesh = False
         else:
-            from scene.mesh_sampling import mesh_points
             pcd = mesh_points(path, num_pts, generator)
             is_mesh = True
     except PlyFormatError as err:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scene.initialization import InitError, PointCloud, validate_point_cloud
+from scene.point_cloud import InitError, PointCloud, validate_point_cloud
 from scene.rng import SeededRng
 
 

@@ -9,11 +9,12 @@ Normals are written as zeros. Writes are atomic: a temporary file in the target 
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
 from plyfile import PlyData, PlyElement
+
+from utils.files import atomic_path
 
 SH_BASES = {1: 0, 4: 1, 9: 2, 16: 3}  # bases per channel -> degree
 
@@ -31,18 +32,8 @@ def gaussian_ply_attributes(n_rest: int) -> list[str]:
 
 def atomic_write_ply(path: str, element: PlyElement) -> None:
     """Write a binary little-endian PLY with one element to `path` atomically (nothing half-written on failure)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".ply", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            PlyData([element], byte_order="<").write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, suffix=".ply") as tmp, open(tmp, "wb") as f:
+        PlyData([element], byte_order="<").write(f)
 
 
 def write_gaussian_ply(path: str, xyz: np.ndarray, f_dc: np.ndarray, f_rest: np.ndarray, opacity: np.ndarray,

@@ -29,11 +29,6 @@ def rgb_to_sh(rgb: torch.Tensor) -> torch.Tensor:
     return (rgb - 0.5) / SH_C0
 
 
-def sh_to_rgb(sh_dc: torch.Tensor) -> torch.Tensor:
-    """Inverse of rgb_to_sh (without the clamp at 0)."""
-    return sh_dc * SH_C0 + 0.5
-
-
 def eval_sh(degree: int, sh: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
     """Evaluate sum_lm k_lm Y_lm(d) (no +0.5 offset, no clamp).
 

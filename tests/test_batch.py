@@ -18,8 +18,8 @@ import pytest
 import batch
 from arguments import load_config
 from test_end_to_end import ROOT, SMOKE, TINY_RUN
-from utils import batch_jobs as bj
-from utils.batch_report import paper_markdown, results_csv, summarize
+from jobs import job as bj
+from jobs.report import paper_markdown, results_csv, summarize
 
 # 24 iterations with a checkpoint every 4: long enough to kill a job mid-way
 JOB_RUN = [*TINY_RUN, "OptimizationParams.iterations=24", "OptimizationParams.checkpoint_interval=4", "save_video=false",
@@ -180,7 +180,7 @@ def row(prompt, arm, status="done", clip=None, matching=None, wall=None):
 
 
 def test_job_table_cells_stay_in_their_row():
-    from utils.batch_report import jobs_markdown
+    from jobs.report import jobs_markdown
     rows = [{**row("a | b\nc", "ptd", status="failed"), "error": "x|y\n  z", "stage_s": {}, "attempts": 1},
             {**row("plain", "vanilla", clip={"L": 1.0}, matching=0.5, wall=3.0), "stage_s": {}, "attempts": 1}]
     lines = jobs_markdown(rows)

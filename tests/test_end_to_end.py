@@ -177,7 +177,7 @@ def test_both_stages_in_half_precision(tmp_path, monkeypatch):
     import torch
 
     import guidance.sd_utils as sd_utils
-    from utils.run_setup import PATH_ADAPTER
+    from stages.run import PATH_ADAPTER
     plain_init = sd_utils.StableDiffusionGuidance.__init__
     seen = []
 

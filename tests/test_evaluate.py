@@ -13,9 +13,9 @@ from arguments import load_config
 from scene import GaussianModel, eval_rig_cameras
 from scene.cameras import orbit_position, wrap_degrees
 from test_end_to_end import SMOKE, TINY_RUN
-from utils.ab_report import PAPER_TABLE1, write_ab_report
-from utils.clip_eval import clip_scores, load_scorer, parse_clip_models, rig_images
-from utils.training_metrics import METRICS_FILE
+from evaluation.ab_report import PAPER_TABLE1, write_ab_report
+from evaluation.clip import clip_scores, load_scorer, parse_clip_models, rig_images
+from evaluation.monitor import METRICS_FILE
 
 ARGS = ["--clip-models", "tiny", "--resolution", "32", "--device", "cpu", "--backend", "torch"]
 

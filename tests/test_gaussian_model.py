@@ -25,7 +25,7 @@ def model_with_points(n=50, degree=0, seed=0, dtype=torch.float32):
 def randomize(m, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in list(m._params().values()) + [m._background]:
+        for p in m._params().values():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
     return m
 
@@ -43,7 +43,6 @@ def test_create_from_pcd_initial_values():
     np.testing.assert_allclose(m._features_dc.detach().numpy()[:, 0], (cols - 0.5) / SH_C0, rtol=1e-5, atol=1e-6)
     assert m._features_rest.shape == (40, 8, 3) and float(m._features_rest.detach().abs().sum()) == 0
     assert m.get_features.shape == (40, 9, 3) and m.active_sh_degree == 0 and m.spatial_lr_scale == 3.5
-    assert m.get_background.shape == (3,) and float(m.get_background[0].detach()) == 0.5
     duplicate = GaussianModel(0)
     duplicate.create_from_pcd(np.zeros((5, 3)), None, 1.0)  # coincident points: simple-knn's floor 1e-7
     np.testing.assert_allclose(duplicate.get_scaling.detach().numpy(), math.sqrt(1e-7), rtol=1e-5)
@@ -159,7 +158,7 @@ def test_learning_rate_schedules_are_log_linear():
     m.training_setup(opt)
     lrs = {g["name"]: g["lr"] for g in m.optimizer.param_groups}
     assert lrs["xyz"] == pytest.approx(1.6e-4 * 3.5) and lrs["f_rest"] == pytest.approx(5e-3 / 20)
-    assert lrs["opacity"] == 0.05 and lrs["background"] == opt.background_lr
+    assert lrs["opacity"] == 0.05 and set(lrs) == {"xyz", "f_dc", "f_rest", "opacity", "scaling", "rotation"}
     assert m.optimizer.defaults["eps"] == 1e-15
     assert m.update_learning_rate(0) == pytest.approx(1.6e-4 * 3.5)
     assert m.update_learning_rate(1000) == pytest.approx(1.6e-6 * 3.5)
@@ -173,7 +172,7 @@ def test_learning_rate_schedules_are_log_linear():
 
 def one_adam_step(m):
     cam = orbit_camera(2.0, 80.0, 10.0, 0.6, 16, 16)
-    out = render(cam, m, m.get_background)
+    out = render(cam, m, torch.full((3,), 0.5))
     (out["render"].mean() + out["alpha"].mean()).backward()
     m.add_densification_stats(out["viewspace_points"], out["visibility_filter"], out["radii"])
     m.optimizer.step()
@@ -197,7 +196,7 @@ def test_capture_restore_round_trip(tmp_path):
     m.oneup_sh_degree()
     one_adam_step(m)
     state = m.capture()
-    assert set(state) >= {"params", "background", "optimizer", "xyz_gradient_accum", "denom", "max_radii2D",
+    assert set(state) >= {"params", "optimizer", "xyz_gradient_accum", "denom", "max_radii2D",
                           "active_sh_degree", "spatial_lr_scale"}
     assert float(state["denom"].sum()) > 0 and state["optimizer"]["state"]
     torch.save(state, tmp_path / "ckpt.pt")
@@ -207,8 +206,8 @@ def test_capture_restore_round_trip(tmp_path):
     assert nested_equal(fresh.capture(), state)
     one_adam_step(fresh)  # the restored optimiser keeps training the restored parameters
     assert not torch.equal(fresh._xyz.detach(), state["params"]["xyz"])
-    with pytest.raises(ValueError, match="lacks background"):
-        GaussianModel(0).restore({k: v for k, v in state.items() if k != "background"})
+    with pytest.raises(ValueError, match="lacks denom"):
+        GaussianModel(0).restore({k: v for k, v in state.items() if k != "denom"})
 
 
 def test_reset_opacity_caps_at_001_and_clears_its_moments():

@@ -10,7 +10,8 @@ from plyfile import PlyData, PlyElement
 
 from arguments import GenerateCamParams
 from scene import GaussianModel, InitError, initial_point_cloud
-from scene.initialization import load_file_points, mean_sq_dist_knn, normalize_to_scene, sphere_points
+from scene.initialization import load_file_points, normalize_to_scene, sphere_points
+from scene.point_cloud import mean_sq_dist_knn
 from scene.ply_io import write_point_cloud_ply
 
 

@@ -105,8 +105,8 @@ def test_ism_and_sds_gradients_match_a_hand_computation():
 
 def test_cfg_and_v_to_eps():
     u, c = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
-    assert_close(ism.cfg(u, c, 7.5), torch.tensor([1.0 + 7.5 * 2.0, 2.0 - 7.5]))
-    assert_close(ism.cfg(u, c, 1.0), c)
+    assert_close(ism.classifier_free_guidance(u, c, 7.5), torch.tensor([1.0 + 7.5 * 2.0, 2.0 - 7.5]))
+    assert_close(ism.classifier_free_guidance(u, c, 1.0), c)
     gen = torch.Generator().manual_seed(3)
     x0, eps = torch.randn(2, 4, 4, 4, generator=gen, dtype=torch.float64), torch.randn(2, 4, 4, 4, generator=gen,
                                                                                      dtype=torch.float64)
@@ -169,9 +169,9 @@ def test_perpneg_combination():
     assert_close((perp * y).sum(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     u, p = torch.randn(3, 4, 4, 4, generator=gen), torch.randn(3, 4, 4, 4, generator=gen)
     negs = [torch.randn(3, 4, 4, 4, generator=gen) for _ in range(2)]
-    assert_close(perpneg_cfg(u, p, negs, torch.zeros(2, 3), 7.5), ism.cfg(u, p, 7.5))
+    assert_close(perpneg_cfg(u, p, negs, torch.zeros(2, 3), 7.5), ism.classifier_free_guidance(u, p, 7.5))
     w = torch.tensor([[-2.0, 0.0, 5e-5], [0.0, -1.0, 0.0]])  # |w| <= 1e-4 is skipped, as stock
-    expected = ism.cfg(u, p, 7.5).clone()
+    expected = ism.classifier_free_guidance(u, p, 7.5).clone()
     expected[0] += 7.5 * -2.0 * perpendicular_component(negs[0] - u, p - u)[0]
     expected[1] += 7.5 * -1.0 * perpendicular_component(negs[1] - u, p - u)[1]
     assert_close(perpneg_cfg(u, p, negs, w, 7.5), expected, atol=1e-5, rtol=1e-5)

@@ -142,6 +142,11 @@ def test_save_load_round_trip_through_a_stock_pipeline(unet, tiny_path, data, tm
     info = json.loads((folder / METADATA_NAME).read_text())
     assert info["rank"] == 4 and info["lora_alpha"] == 8.0 and info["prompt"] == "a hamburger"
     assert read_lora_metadata(folder) == info
+    from safetensors import safe_open
+    with safe_open(str(folder / WEIGHT_NAME), "pt") as f:  # peft's set, sorted: the same bytes whatever the hash seed
+        adapter = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert adapter["unet.target_modules"] == sorted(adapter["unet.target_modules"]) == ["to_k", "to_out.0", "to_q",
+                                                                                         "to_v"]
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_path)
     pipe.load_lora_weights(str(folder), adapter_name="ptd_path")  # the stock call other forks use

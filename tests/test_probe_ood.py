@@ -11,7 +11,8 @@ import probe_ood
 from arguments import load_config, run_dir
 from guidance.stf import aggregate_by_timestep, matching_loss, stf_eps
 from test_end_to_end import SMOKE, TINY_RUN
-from utils import ood_probe
+from evaluation import ood as ood_probe
+from guidance.sd_utils import StableDiffusionGuidance
 
 PROBE = ["EvalParams.probe_num_refs=4", "EvalParams.probe_ddim_steps=2", "EvalParams.probe_timesteps=[100,500,900]",
          "save_video=false"]
@@ -100,7 +101,7 @@ def test_probe_end_to_end_prior_and_path(stage1_run, monkeypatch):
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("the cached samples were not reused")
-    monkeypatch.setattr(ood_probe, "sample_prior_latents", no_sampling)
+    monkeypatch.setattr(StableDiffusionGuidance, "sample_prior_latents", no_sampling)
     again = probe_ood.main(cfg, network="prior", num_generated=3)
     assert again["rows"] == prior["rows"]  # cached samples, seeded noise: identical
     code = probe_ood.cli(["--opt", str(run_dir(cfg) / "config_form_path.yaml"), "--network", "path",

@@ -1,23 +1,20 @@
-"""guidance/ptd_utils.py: w(iter) of paper Alg. 2, exact LoRA scale control, the stage-2 tracer, and the file alone."""
+"""guidance/ptd_utils.py: w(iter) of paper Alg. 2, exact LoRA scale control, the stage-2 tracer, and the file alone.
+(The project's speed-ups on top, guidance/lora_merge.py: tests/test_lora_merge.py.)"""
 import ast
-import copy
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import make_lora_unet, relative_weights, run_unet, toy_lora_model
 
-from guidance.ptd_utils import (SCHEDULES, PathTracer, get_lora_scale, load_adapter_weights, lora_scale, merge_lora,
-                                ptd_weight,
-                                set_lora_scale)
+from guidance.ptd_utils import PathTracer, _lora_layers, load_adapter_weights, lora_scale, ptd_weight, set_lora_scale
 
 PTD_UTILS = Path(__file__).resolve().parents[1] / "guidance" / "ptd_utils.py"
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,9 +34,8 @@ def test_ptd_weight_values():
             ptd_weight(bad)
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_schedules_fall_from_one_to_zero(name):
-    w = [SCHEDULES[name](s, 50, 0.3) for s in range(1, 60)]
+def test_ptd_weight_falls_from_one_to_zero():
+    w = [ptd_weight(s, 50, 0.3) for s in range(1, 60)]
     assert w[0] == 1.0 and all(v == 0.0 for v in w[50:])
     assert all(a >= b for a, b in zip(w, w[1:])) and all(0.0 <= v <= 1.0 for v in w)
     assert w[49] > 0.0  # the LoRA is still on at step T itself
@@ -50,37 +46,13 @@ def test_schedules_fall_from_one_to_zero(name):
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_unet(tiny_path):
-    """(unet with a randomised LoRA r=4 alpha=8, inputs, base output, peft's output at its default scaling)."""
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet").eval()
-    g = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g))
-    with torch.no_grad():
-        base = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=TARGETS),
-                         adapter_name="ptd_path")
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if ".lora_" in name:  # B is zero at init: randomise so that the LoRA changes the output
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        trained = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
-    assert (trained - base).abs().max() > 0.05
-    return unet, inputs, base, trained
-
-
-def _run(unet, inputs):
-    with torch.no_grad():
-        return unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
+    return make_lora_unet(tiny_path)
 
 
 def test_weight_zero_is_the_base_bit_for_bit(lora_unet):
     unet, inputs, base, _ = lora_unet
     set_lora_scale(unet, 0.0, "ptd_path")
-    out = _run(unet, inputs)
+    out = run_unet(unet, inputs)
     assert torch.equal(out, base)
     assert torch.equal(out.view(torch.int32), base.view(torch.int32))  # also the sign bits
     set_lora_scale(unet, 1.0)
@@ -93,32 +65,73 @@ def test_weight_zero_skips_the_lora_branch_and_any_weight_brings_it_back(lora_un
              if name.endswith("lora_A.ptd_path")]
     try:
         set_lora_scale(unet, 0.0, "ptd_path")
-        assert torch.equal(_run(unet, inputs), base) and calls == []  # no low-rank product computed at w = 0
+        assert torch.equal(run_unet(unet, inputs), base) and calls == []  # no low-rank product computed at w = 0
         set_lora_scale(unet, 1.0, "ptd_path")
-        assert torch.equal(_run(unet, inputs), trained) and len(calls) == len(hooks) == 48
+        assert torch.equal(run_unet(unet, inputs), trained) and len(calls) == len(hooks) == 48
         calls.clear()
         set_lora_scale(unet, 1.0)
         with lora_scale(unet, 0.0, "ptd_path"):
-            assert torch.equal(_run(unet, inputs), base) and calls == []
-        assert torch.equal(_run(unet, inputs), trained) and len(calls) == 48  # restored on exit
+            assert torch.equal(run_unet(unet, inputs), base) and calls == []
+        assert torch.equal(run_unet(unet, inputs), trained) and len(calls) == 48  # restored on exit
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@pytest.mark.parametrize("dtype, tiny, bits", [(torch.float32, 1e-30, torch.int32), (torch.float16, 1e-4, torch.int16)])
+def test_weight_zero_is_exact_where_peft_branch_times_zero_is_not(dtype, tiny, bits):
+    """Why weight 0 parks the adapter: peft's branch at scaling 0 adds +0.0 to a base output of -0.0 (-> +0.0), and a
+    low-rank product that overflows (fp16) adds inf * 0 = NaN."""
+    from peft import LoraConfig, inject_adapter_in_model
+    model = inject_adapter_in_model(LoraConfig(r=1, lora_alpha=1, target_modules=["0"], init_lora_weights=False),
+                                    torch.nn.Sequential(torch.nn.Linear(1, 3)), adapter_name="ptd_path").to(dtype)
+    layer = model[0]
+    small, big = torch.full((2, 1), -tiny, dtype=dtype), torch.full((2, 1), 60000.0, dtype=dtype)
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(tiny)
+        layer.base_layer.bias.fill_(-0.0)
+        layer.lora_A["ptd_path"].weight.fill_(-300.0)
+        layer.lora_B["ptd_path"].weight.fill_(300.0)
+        base_small, base_big = layer.base_layer(small), layer.base_layer(big)
+        assert torch.signbit(base_small).all() and (base_small == 0).all()  # -0.0: the product underflows
+        layer.set_scale("ptd_path", 0.0)  # peft alone: the branch, multiplied by 0
+        assert not torch.equal(model(small).view(bits), base_small.view(bits))
+        assert torch.isnan(model(big)).all() == (dtype == torch.float16) and torch.isfinite(base_big).all()
+        set_lora_scale(model, 0.0, "ptd_path")  # parked
+        assert torch.equal(model(small).view(bits), base_small.view(bits))
+        assert torch.equal(model(big).view(bits), base_big.view(bits))
+
+
+@pytest.mark.filterwarnings("ignore:Already found a .peft_config:UserWarning")
+def test_parking_keeps_requires_grad_and_yields_to_set_adapter():
+    model = toy_lora_model(("ptd_path", "prior"))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.a.lora_A["prior"].weight.requires_grad_(False)
+    flags["a.lora_A.prior.weight"] = False
+    set_lora_scale(model, 0.0, "ptd_path")
+    assert model.a.active_adapters == ["prior"]  # parked
+    set_lora_scale(model, 1.0, "ptd_path")
+    assert model.a.active_adapters == ["ptd_path", "prior"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # set_adapter's side effect undone
+    set_lora_scale(model, 0.0, "ptd_path")
+    model.a.set_adapter("prior")  # anyone else's choice of active adapters wins over the parking
+    set_lora_scale(model, 0.5)
+    assert model.a.active_adapters == ["prior"] and model.b.active_adapters == ["ptd_path", "prior"]
 
 
 def test_weight_one_is_the_lora_as_trained_with_alpha_not_r(lora_unet):
     unet, inputs, _, trained = lora_unet
     set_lora_scale(unet, 0.2, "ptd_path")
     set_lora_scale(unet, 1.0, "ptd_path")
-    assert torch.equal(_run(unet, inputs), trained)
-    layers = unet.__dict__["_ptd_lora_layers"][1]
+    assert torch.equal(run_unet(unet, inputs), trained)
+    layers = _lora_layers(unet, "ptd_path")
     assert len(layers) == 48 and all(layer.scaling["ptd_path"] == 2.0 for layer in layers)  # alpha / r = 8 / 4
-    assert get_lora_scale(unet) == 1.0
+    assert relative_weights(unet) == {1.0}
 
 
 def test_affine_in_w_at_one_layer_and_matches_the_formula(lora_unet):
     unet, *_ = lora_unet
-    layer = unet.__dict__["_ptd_lora_layers"][1][0]
+    layer = _lora_layers(unet, "ptd_path")[0]
     x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(1))
     outs = {}
     for w in (0.0, 0.37, 1.0, 1.6):
@@ -133,17 +146,18 @@ def test_affine_in_w_at_one_layer_and_matches_the_formula(lora_unet):
         torch.testing.assert_close(outs[w], outs[0.0] + w * (outs[1.0] - outs[0.0]))
 
 
-def test_get_and_context_manager_restore_also_on_error(lora_unet):
+def test_context_manager_restores_also_on_error(lora_unet):
     unet, inputs, base, _ = lora_unet
     set_lora_scale(unet, 0.25)
-    assert get_lora_scale(unet, "ptd_path") == pytest.approx(0.25, abs=1e-12)
+    assert relative_weights(unet, "ptd_path") == {0.25}
+    before = {id(m): dict(m.scaling) for m in _lora_layers(unet, None)}
     with lora_scale(unet, 0.0, "ptd_path"):
-        assert get_lora_scale(unet) == 0.0 and torch.equal(_run(unet, inputs), base)
-    assert get_lora_scale(unet) == pytest.approx(0.25, abs=1e-12)
+        assert relative_weights(unet) == {0.0} and torch.equal(run_unet(unet, inputs), base)
+    assert {id(m): dict(m.scaling) for m in _lora_layers(unet, None)} == before  # the very same floats
     with pytest.raises(RuntimeError, match="boom"):
         with lora_scale(unet, 0.9):
             raise RuntimeError("boom")
-    assert get_lora_scale(unet) == pytest.approx(0.25, abs=1e-12)
+    assert {id(m): dict(m.scaling) for m in _lora_layers(unet, None)} == before
     set_lora_scale(unet, 1.0)
 
 
@@ -155,37 +169,24 @@ def test_bad_adapter_and_weight(lora_unet):
         set_lora_scale(unet, float("nan"))
     plain = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="no layer with any LoRA adapter"):
-        get_lora_scale(plain)
+        set_lora_scale(plain, 1.0)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite") as err, lora_scale(unet, bad):
+            pass
+        assert "\n" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # a toy two-layer model with peft LoRA: adapters, cache, tracer
 # ----------------------------------------------------------------------------------------------------------------------
-def _toy(adapters=("ptd_path",), r=2, alpha=6.0):
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model = torch.nn.Sequential()
-    model.add_module("a", torch.nn.Linear(3, 4))
-    model.add_module("b", torch.nn.Linear(4, 2))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for name in adapters:
-            model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["a", "b"]), model,
-                                            adapter_name=name)
-    for m in (model.a, model.b):
-        m.set_adapter(list(adapters))  # inject_adapter_in_model leaves only the first adapter active
-    return model
-
-
 @pytest.mark.filterwarnings("ignore:(Already found a .peft_config|Adapter extra was active):UserWarning")
 def test_one_adapter_of_two_and_cache_refresh(lora_unet):
-    model = _toy(("ptd_path", "prior"))
+    model = toy_lora_model(("ptd_path", "prior"))
     set_lora_scale(model, 0.5, "ptd_path")
-    assert get_lora_scale(model, "ptd_path") == 0.5 and get_lora_scale(model, "prior") == 1.0
-    with pytest.raises(ValueError, match="disagree"):
-        get_lora_scale(model)
+    assert relative_weights(model, "ptd_path") == {0.5} and relative_weights(model, "prior") == {1.0}
+    assert relative_weights(model) == {0.5, 1.0}  # the other adapter is left alone
     set_lora_scale(model, 0.0)
-    assert get_lora_scale(model) == 0.0
+    assert relative_weights(model) == {0.0}
     # adding an adapter to a diffusers model changes peft_config: the cache is rebuilt and sees it
     from peft import LoraConfig
     unet = lora_unet[0]
@@ -198,8 +199,8 @@ def test_one_adapter_of_two_and_cache_refresh(lora_unet):
         with pytest.raises(ValueError, match="'ptd_path' is not active"):
             set_lora_scale(unet, 0.5, "ptd_path")
         set_lora_scale(unet, 0.5, "extra")
-        assert unet.__dict__["_ptd_lora_layers"] is not cached and get_lora_scale(unet, "extra") == 0.5
-        assert get_lora_scale(unet, "ptd_path") == 1.0
+        assert unet.__dict__["_ptd_lora_layers"] is not cached and relative_weights(unet, "extra") == {0.5}
+        assert relative_weights(unet, "ptd_path") == {1.0}
     finally:
         unet.delete_adapters("extra")
         unet.set_adapter("ptd_path")
@@ -207,15 +208,24 @@ def test_one_adapter_of_two_and_cache_refresh(lora_unet):
 
 
 def test_tracer_weighted_follows_alg2():
-    model = _toy()
+    model = toy_lora_model()
     tracer = PathTracer("weighted", total_steps=10, power=0.3)
     for step in range(1, 14):
         w = tracer.apply(model, step)
-        assert w == ptd_weight(step, 10, 0.3) and get_lora_scale(model, "ptd_path") == pytest.approx(w, abs=1e-12)
-    assert get_lora_scale(model) == 0.0 and tracer.last_step == 13
-    assert PathTracer("weighted", total_steps=10, schedule="linear").weight_at(6) == pytest.approx(0.5)
+        assert w == ptd_weight(step, 10, 0.3) and relative_weights(model, "ptd_path") == {round(w, 12)}
+    assert relative_weights(model) == {0.0} and tracer.last_step == 13
+    assert PathTracer("weighted", total_steps=10, power=1.0).weight_at(6) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="mode 'off'"):
         PathTracer("off")
+    with pytest.raises(ValueError, match=r"power \(C\) must be > 0"):
+        PathTracer("weighted", power=0.0)
+
+
+def test_tracer_set_scale_is_the_extension_point():
+    model, calls = toy_lora_model(), []
+    tracer = PathTracer("weighted", total_steps=4, set_scale=lambda m, w, name: calls.append((m, w, name)))
+    assert [tracer.apply(model, s) for s in (1, 5)] == [1.0, 0.0]
+    assert calls == [(model, 1.0, "ptd_path"), (model, 0.0, "ptd_path")] and relative_weights(model) == {1.0}  # untouched
 
 
 def _checkpoint(model, value):
@@ -224,7 +234,7 @@ def _checkpoint(model, value):
 
 
 def test_tracer_checkpoints_reverse_order_and_switch_timing():
-    model = _toy()
+    model = toy_lora_model()
     ckpts = [_checkpoint(model, float(i + 1)) for i in range(3)]  # s^(1), s^(2), s^(3): weights filled with 1, 2, 3
     calls = []
 
@@ -237,7 +247,7 @@ def test_tracer_checkpoints_reverse_order_and_switch_timing():
     for step in range(1, 20):
         w = tracer.apply(model, step)
         value, weight = expect.get(step, expect[max(s for s in expect if s <= step)])
-        assert w == weight and get_lora_scale(model) == weight
+        assert w == weight and relative_weights(model) == {weight}
         if value is not None:
             assert torch.all(model.a.lora_A["ptd_path"].weight == value)
     assert calls == [3.0, 2.0, 1.0]  # loaded only when switching, in reverse order
@@ -246,7 +256,7 @@ def test_tracer_checkpoints_reverse_order_and_switch_timing():
 
 
 def test_tracer_state_dict_round_trip_reloads_checkpoint():
-    model = _toy()
+    model = toy_lora_model()
     ckpts = [_checkpoint(model, 1.0), _checkpoint(model, 2.0)]
     tracer = PathTracer("checkpoints", total_steps=50, switch_interval=3, checkpoints=ckpts)
     for step in range(1, 6):
@@ -262,100 +272,19 @@ def test_tracer_state_dict_round_trip_reloads_checkpoint():
     assert torch.all(model.a.lora_A["ptd_path"].weight == 1.0)
     with pytest.raises(ValueError, match="does not match"):
         PathTracer("weighted", total_steps=50).load_state_dict(state)
+    assert "schedule" not in state
+    older = PathTracer("checkpoints", total_steps=50, switch_interval=3, checkpoints=ckpts)
+    older.load_state_dict({**state, "schedule": "power"})  # a checkpoint from before the schedules were removed
+    assert older.last_step == 5
 
 
 def test_load_adapter_weights_rejects_partial_and_foreign_keys():
-    model = _toy()
+    model = toy_lora_model()
     state = _checkpoint(model, 1.0)
     with pytest.raises(ValueError, match="misses 1 of 4"):
         load_adapter_weights(model, dict(list(state.items())[:3]), "ptd_path")
     with pytest.raises(ValueError, match="matches no parameter"):
         load_adapter_weights(model, {"unet.a.lora_A.weight": torch.zeros(2, 3)}, "ptd_path")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# merged mode
-# ----------------------------------------------------------------------------------------------------------------------
-def _adapted(unet):
-    return {n: m for n, m in unet.named_modules() if hasattr(m, "lora_A") and "ptd_path" in m.lora_A}
-
-
-def test_merged_mode_is_the_branch_folded_into_the_weights(lora_unet):
-    # float64, so that the only difference between the branch and the folded weight would be a wrong formula
-    unet, inputs = copy.deepcopy(lora_unet[0]).double(), tuple(x.double() if x.is_floating_point() else x
-                                                               for x in lora_unet[1])
-    layers = _adapted(unet)
-    originals = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
-    set_lora_scale(unet, 0.0, "ptd_path")
-    base = _run(unet, inputs)
-    set_lora_scale(unet, 1.0, "ptd_path")
-    trained = _run(unet, inputs)
-    branch = {}
-    for w in (1.0, 0.37, -0.5):
-        set_lora_scale(unet, w, "ptd_path")
-        branch[w] = _run(unet, inputs)
-    calls = []
-    hooks = [m.lora_A["ptd_path"].register_forward_hook(lambda *a: calls.append(1)) for m in layers.values()]
-    try:
-        merge_lora(unet, "ptd_path")
-        for w in (1.0, 0.37, -0.5):
-            set_lora_scale(unet, w, "ptd_path")
-            assert get_lora_scale(unet, "ptd_path") == w
-            torch.testing.assert_close(_run(unet, inputs), branch[w], rtol=1e-9, atol=1e-10)
-            name, layer = next(iter(layers.items()))  # the weight itself, against the formula in float64
-            a, b = layer.lora_A["ptd_path"].weight.double(), layer.lora_B["ptd_path"].weight.double()
-            expect = originals[name].double() + w * 8 / 4 * (b @ a)
-            torch.testing.assert_close(layer.base_layer.weight, expect, rtol=1e-12, atol=1e-13)
-        with lora_scale(unet, 0.0, "ptd_path"):
-            assert torch.equal(_run(unet, inputs), base)  # the prior, bit for bit, in the middle of tracing
-        torch.testing.assert_close(_run(unet, inputs), branch[-0.5], rtol=1e-9, atol=1e-10)  # rewritten on exit
-        set_lora_scale(unet, 0.0, "ptd_path")
-        assert torch.equal(_run(unet, inputs), base)
-        assert all(torch.equal(m.base_layer.weight, originals[n]) for n, m in layers.items())
-        set_lora_scale(unet, 1.0, "ptd_path")
-        assert calls == []  # the low-rank branch never ran: the weights carried it
-    finally:
-        for h in hooks:
-            h.remove()
-        merge_lora(unet, "ptd_path", enabled=False)
-    assert all(torch.equal(m.base_layer.weight, originals[n]) for n, m in layers.items())  # W0 exactly
-    assert torch.equal(_run(unet, inputs), trained)  # back on peft's branch, as before merging
-
-
-def test_merged_mode_follows_checkpoints_and_the_tracer():
-    from peft import get_peft_model_state_dict
-    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    plain = _toy().double()  # float64: any difference beyond rounding would be a wrong fold
-    merged = copy.deepcopy(plain)
-    base = merged[1].base_layer(merged[0].base_layer(x))
-    ckpts = [{k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for k, v in
-              get_peft_model_state_dict(plain, adapter_name="ptd_path").items()} for i in range(3)]
-    for mode in ("weighted", "checkpoints"):
-        tracers = [PathTracer(mode, total_steps=7, switch_interval=2, checkpoints=ckpts, merge=m) for m in (0, 1)]
-        load_adapter_weights(plain, ckpts[0], "ptd_path")
-        load_adapter_weights(merged, ckpts[0], "ptd_path")
-        for step in range(1, 10):
-            weights = [t.apply(model, step) for t, model in zip(tracers, (plain, merged))]
-            assert weights[0] == weights[1]
-            with torch.no_grad():
-                torch.testing.assert_close(merged(x), plain(x), rtol=1e-12, atol=1e-12)
-                assert torch.equal(merged(x), base) == (weights[1] == 0.0)
-        merge_lora(merged, "ptd_path", enabled=False)
-
-
-@pytest.mark.filterwarnings("ignore:Already found a .peft_config:UserWarning")
-def test_merge_lora_refuses_what_it_cannot_fold():
-    from peft import LoraConfig, inject_adapter_in_model
-    conv = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["c"]),
-                                   torch.nn.Sequential(OrderedDict(c=torch.nn.Conv2d(3, 4, 3))),
-                                   adapter_name="ptd_path")
-    with pytest.raises(ValueError, match="Conv2d layer cannot merge adapter 'ptd_path'") as err:
-        merge_lora(conv, "ptd_path")
-    assert "\n" not in str(err.value)
-    model = _toy(("ptd_path", "prior"))
-    merge_lora(model, "prior")
-    with pytest.raises(ValueError, match="already carries merged adapter 'prior'"):
-        merge_lora(model, "ptd_path")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -138,23 +138,22 @@ def test_damaged_checkpoint_and_changed_config_on_resume(tmp_path):
 
 def test_stage1_resumes_to_the_same_lora(tmp_path, monkeypatch):
     import form_path
-    from guidance import lora_training
 
     over = ["PTDParams.mode=weighted", "PTDParams.path_epochs=4", "PTDParams.checkpoint_interval=2"]
     whole = form_path.main(cfg_for(tmp_path, *over, workspace="whole"))
-    real_fit, calls = lora_training.fit_lora, []
+    real_fit, calls = form_path.fit_lora, []
 
     def crash_on_third_chunk(*args, **kwargs):
         calls.append(kwargs["max_steps"])
         if len(calls) == 3:
             raise RuntimeError("killed")
         return real_fit(*args, **kwargs)
-    monkeypatch.setattr(lora_training, "fit_lora", crash_on_third_chunk)
+    monkeypatch.setattr(form_path, "fit_lora", crash_on_third_chunk)
     cfg = cfg_for(tmp_path, *over, workspace="broken")
     with pytest.raises(RuntimeError, match="killed"):
         form_path.main(cfg)
     assert calls == [2, 4, 6] and not (tmp_path / "broken" / "path_lora").exists()
-    monkeypatch.setattr(lora_training, "fit_lora", real_fit)
+    monkeypatch.setattr(form_path, "fit_lora", real_fit)
     resumed = form_path.main(cfg, resume=True)
     from safetensors.torch import load_file
     for name in ("pytorch_lora_weights.safetensors", "checkpoints/step_000006/pytorch_lora_weights.safetensors"):
@@ -174,7 +173,7 @@ def test_render_gradients_repeat_bit_for_bit_with_two_threads():
     from gaussian_renderer import render
     from scene import GaussianModel, orbit_camera
     from scene.initialization import sphere_points
-    from utils.run_setup import configure_torch
+    from stages.run import configure_torch
 
     def grads():
         g = GaussianModel(0)

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from utils.general import atomic_path, stable_hash
+from utils.files import atomic_path, stable_hash
 from utils.loss_utils import scale_loss, tv_loss
 
 

@@ -1,1 +1,1 @@
-"""Small shared helpers: seeding, atomic writes, losses, image and video output."""
+"""Leaf helpers that import nothing of the project: atomic files, RNG state, images and video, losses, prompts."""

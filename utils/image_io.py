@@ -8,7 +8,7 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
-from utils.general import atomic_path
+from utils.files import atomic_path
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -1,33 +1,28 @@
-"""What form_path.py and train.py share: device choice, the initial Gaussians (one per config, never stale), the
-guidance prior, the camera sampler and the stage-1 path folder."""
+"""The start of a run, shared by form_path.py, train.py, probe_ood.py and the measurements: the checks before
+anything is written, torch settings, the initial Gaussians (one per config, never stale), the guidance prior, the
+camera sampler, the background, and the stage-1 path LoRA (where it lives, what it was made for, loading it)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from arguments import Config, run_dir
-from utils.general import file_hash, stable_hash, write_json_atomic
+from arguments import Config, RunError, run_dir
+from arguments.checks import check_config
+from utils.files import file_hash, stable_hash, write_json_atomic
 
 INIT_PLY = "init_points3d.ply"
 INIT_KEY = "init_points3d.json"
+# the peft adapter name of the path LoRA, in both stages
 PATH_ADAPTER = "ptd_path"
 
-
-class RunError(ValueError):
-    """A run cannot start (missing or mismatched inputs); the message is one line with the fix."""
-
-
-def select_device(cfg: Config) -> torch.device:
-    """`device: auto` is CUDA when available, else the CPU; an explicit CUDA device without CUDA is an error."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():  # gpu-only
-        raise RunError(f"device '{cfg.device}' asked for but CUDA is not available; set device=cpu or device=auto")
-    return device
+__all__ = ["INIT_PLY", "INIT_KEY", "PATH_ADAPTER", "RunError", "configure_torch", "scene_extent", "init_key",
+           "initial_gaussians", "make_guidance", "make_sampler", "background", "path_lora_dir", "path_metadata",
+           "check_path_metadata", "load_path_lora", "validate", "check_writable", "run_entry"]
 
 
 def configure_torch(cfg: Config) -> None:
@@ -84,7 +79,8 @@ def make_guidance(cfg: Config, device: torch.device):
 
 
 def make_sampler(cfg: Config, device: torch.device, seed_offset: int = 0):
-    """LucidDreamer's training camera sampler on its own seeded generator (stage 1 uses another stream)."""
+    """LucidDreamer's training camera sampler on its own seeded generator (stage 1 and the probe use other
+    streams, seed_offset 1 and 2, so that stage 2 draws the same cameras in every arm)."""
     from scene import OrbitCameraSampler
 
     return OrbitCameraSampler(cfg.GenerateCamParams, np.random.default_rng(cfg.seed + seed_offset),
@@ -96,6 +92,7 @@ def background(cfg: Config, device: torch.device) -> torch.Tensor:
     return torch.full((3,), value, device=device)
 
 
+# ---------------------------------------------------------------------------------------------- the path LoRA
 def path_lora_dir(cfg: Config) -> Path:
     return Path(cfg.PTDParams.path_lora) if cfg.PTDParams.path_lora else run_dir(cfg) / "path_lora"
 
@@ -106,39 +103,39 @@ def path_metadata(cfg: Config) -> dict:
             "prior_lora": cfg.GuidanceParams.prior_lora, "init_key_hash": stable_hash(init_key(cfg))}
 
 
-def check_path_metadata(info: dict, cfg: Config, folder: Path) -> None:
-    expected = path_metadata(cfg)
-    for key, want in expected.items():
+def check_path_metadata(cfg: Config) -> dict:
+    """The path LoRA folder's metadata, after checking that the folder is complete and was formed for this config."""
+    from guidance.lora_training import read_lora_metadata
+
+    folder = path_lora_dir(cfg)
+    info = read_lora_metadata(folder)
+    for key, want in path_metadata(cfg).items():
         if info.get(key) != want:
             raise RunError(f"path LoRA {folder} was formed for {key}={info.get(key)!r}, this run has {want!r}; "
                            f"rerun form_path.py with this config or set PTDParams.path_lora")
+    return info
 
 
-PTD_MODES = ("off", "weighted", "checkpoints")
+def load_path_lora(cfg: Config, guidance) -> dict:
+    """The one way the path LoRA of stage 1 enters the prior: checked against this config, loaded through diffusers
+    as adapter PATH_ADAPTER (at weight 1, as trained), without moving the global random stream. Returns its
+    metadata."""
+    from guidance.lora_training import load_lora
+
+    info = check_path_metadata(cfg)
+    with torch.random.fork_rng(devices=[]):  # adapter creation draws random init weights: keep the global stream
+        load_lora(guidance.pipe, path_lora_dir(cfg), PATH_ADAPTER)
+    return info
 
 
+# ---------------------------------------------------------------------------------------------- checks and CLI
 def validate(cfg: Config, device: torch.device) -> None:
-    """Every check that needs no heavy work, run before anything is written (one-line errors with the fix)."""
+    """Every check that needs no heavy work, before anything is written: the config's values (arguments/checks.py),
+    then what this machine must have (the rasteriser, the prior's files, a writable output folder)."""
     from gaussian_renderer import resolve_backend
-    from guidance.sd_utils import check_guidance_params, resolve_model_key
+    from guidance.sd_utils import resolve_model_key
 
-    check_guidance_params(cfg.GuidanceParams)
-    if cfg.PTDParams.mode not in PTD_MODES:
-        raise RunError(f"PTDParams.mode '{cfg.PTDParams.mode}' is not one of {', '.join(PTD_MODES)}")
-    if cfg.OptimizationParams.densify_stats not in ("last", "all"):
-        raise RunError(f"OptimizationParams.densify_stats '{cfg.OptimizationParams.densify_stats}' is not "
-                       f"'last' (stock) or 'all'")
-    c = cfg.GenerateCamParams
-    if c.init_shape == "file" and not (c.init_path and Path(c.init_path).is_file()):
-        raise RunError(f"GenerateCamParams.init_path '{c.init_path}' is not a file; give a .ply/.obj/.glb file "
-                       f"for init_shape=file")
-    prior_lora = cfg.GuidanceParams.prior_lora
-    if prior_lora and not Path(prior_lora).is_dir():
-        raise RunError(f"GuidanceParams.prior_lora '{prior_lora}' is not a folder; give the folder written by "
-                       f"form_path.py --images")
-    from utils.training_metrics import check_eval_params
-
-    check_eval_params(cfg)
+    check_config(cfg)
     resolve_backend(cfg.PipelineParams.backend, device)
     resolve_model_key(cfg.GuidanceParams.model_key)
     check_writable(run_dir(cfg))
@@ -146,8 +143,6 @@ def validate(cfg: Config, device: torch.device) -> None:
 
 def check_writable(folder: Path) -> None:
     """The run folder exists writable or can be created (checked without creating anything)."""
-    import os
-
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -158,15 +153,13 @@ def check_writable(folder: Path) -> None:
 
 def run_entry(fn, *args, **kwargs) -> int:
     """Run an entry point for the command line: bad input becomes one line on stderr and exit code 1, Ctrl-C 130."""
-    import sys
-
     from gaussian_renderer import BackendUnavailableError
 
     try:
         fn(*args, **kwargs)
     except KeyboardInterrupt:
         return 130
-    except (RunError, ValueError, BackendUnavailableError) as err:
+    except (ValueError, BackendUnavailableError) as err:  # RunError, ConfigError and the libraries' one-liners
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

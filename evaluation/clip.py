@@ -1,8 +1,11 @@
-"""CLIP similarity of a 3D model by the paper's protocol (§6.1), shared by evaluate.py and the training monitor.
+"""CLIP similarity of a 3D model by the paper's protocol (§6.1), shared by evaluate.py, the training monitor and batch.
 
 Protocol: render the 16-view rig (`scene.eval_rig_cameras`: radius 4, elevations 0 and 45 degrees, 8 azimuths from
--180 in 45-degree steps, fovy 0.55), score each view with CLIP (100 x cosine(image, prompt)), average over the views.
-The paper's scorers are OpenAI's ViT-L/14 and OpenCLIP's ViT-bigG-14 (`utils.clip_score.PAPER_MODELS`).
+-180 in 45-degree steps, fovy 0.55), score each view as 100 x cosine(CLIP image, CLIP text of the prompt), average over
+the views. The paper's scorers are OpenAI's ViT-L/14 (`ViT-L-14`, tag `openai`) and OpenCLIP's ViT-bigG-14
+(`ViT-bigG-14`, tag `laion2b_s39b_b160k`), through open_clip. `pretrained` is a tag (downloaded by open_clip on a
+machine with internet, then cached) or a local weights file; offline without weights, loading fails with one line
+saying how to get them.
 
 Model specs are `NAME:PRETRAINED` (open_clip name and pretrained tag or local weights file), comma-separated, or
 `tiny`: an offline toy open_clip config (random weights, seeded) for tests and CPU demos, which measures nothing.
@@ -10,11 +13,69 @@ Model specs are `NAME:PRETRAINED` (open_clip name and pretrained tag or local we
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from utils.clip_score import PAPER_MODELS, ClipScorer
+from gaussian_renderer import render_views
+from guidance.tiny import default_cache_root
+from scene import eval_rig_cameras
+from utils.files import write_text_atomic
+
+# the paper's two scorers: (open_clip model name, pretrained tag)
+PAPER_MODELS = (("ViT-L-14", "openai"), ("ViT-bigG-14", "laion2b_s39b_b160k"))
+
+
+@dataclass
+class ClipScorer:
+    """An open_clip model with its eval preprocessing and tokenizer."""
+    name: str
+    model: torch.nn.Module
+    preprocess: object
+    tokenizer: object
+
+    @classmethod
+    def load(cls, name: str, pretrained: str | None, device: torch.device | str = "cpu") -> "ClipScorer":
+        import open_clip
+
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None,
+                                                                         device=device)
+        except RuntimeError as err:
+            if "download" in str(err).lower() or "offline" in str(err).lower():
+                raise ValueError(
+                    f"CLIP weights '{name}:{pretrained}' are not available offline; download them once on a machine "
+                    f"with internet (open_clip caches them) or pass a local weights file as pretrained") from None
+            raise
+        model.eval()
+        return cls(name=f"{name}:{pretrained}", model=model, preprocess=preprocess,
+                   tokenizer=open_clip.get_tokenizer(name))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [V, 3, H, W] in [0, 1] -> unit-norm features [V, D], through the model's own eval transform."""
+        from PIL import Image
+
+        pil = [Image.fromarray((im.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
+               for im in images]
+        batch = torch.stack([self.preprocess(p) for p in pil]).to(self.device)
+        feats = self.model.encode_image(batch).float()
+        return feats / feats.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        feats = self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float()
+        return feats / feats.norm(dim=-1, keepdim=True)
+
+    def similarity(self, images: torch.Tensor, text: str) -> torch.Tensor:
+        """Per-view CLIP similarity [V]: 100 x cosine(image_v, text)."""
+        return 100.0 * (self.image_features(images) @ self.text_features([text]).T)[:, 0]
+
 
 TINY_CLIP_NAME = "ptd-tiny-clip"
 TINY_CLIP_CONFIG = {"embed_dim": 16,
@@ -27,9 +88,6 @@ TINY_CLIP_SEED = 0
 def register_tiny_clip() -> str:
     """Register the toy config with open_clip (a JSON file in the tiny-model cache); returns its model name."""
     import open_clip
-
-    from guidance.tiny import default_cache_root
-    from utils.general import write_text_atomic
 
     path = default_cache_root() / "open_clip" / f"{TINY_CLIP_NAME}.json"
     text = json.dumps(TINY_CLIP_CONFIG, indent=1)
@@ -88,11 +146,8 @@ def load_scorers(models: Sequence[tuple[str, str | None]], device) -> dict[str, 
 def rig_images(gaussians, bg: torch.Tensor, resolution: int, backend: str = "auto", n_azimuths: int = 8,
                radius: float = 4.0) -> torch.Tensor:
     """The evaluation rig's renders [2 n_azimuths, 3, R, R] in [0, 1] (elevation 0 first, then 45)."""
-    from gaussian_renderer import render
-    from scene import eval_rig_cameras
-
     cams = eval_rig_cameras(resolution, resolution, radius=radius, n_azimuths=n_azimuths, device=bg.device)
-    return torch.stack([render(c, gaussians, bg, backend=backend)["render"] for c in cams]).clamp(0, 1)
+    return render_views(cams, gaussians, bg, backend)
 
 
 def clip_scores(scorers: dict[str, ClipScorer], images: torch.Tensor, text: str) -> dict[str, dict]:

@@ -1,13 +1,14 @@
 """A/B report of a vanilla and a PTD run (paper Fig. 8 and Table 1 context): the metrics each run recorded during
-training (<run>/metrics.jsonl, `utils.training_metrics`) plotted against the iteration in one PNG, and the final
+training (<run>/metrics.jsonl, `evaluation.monitor`) plotted against the iteration in one PNG, and the final
 numbers in a markdown table next to the paper's Table 1, which is quoted, not measured here."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from utils.general import atomic_path, write_json_atomic, write_text_atomic
-from utils.run_setup import RunError
-from utils.training_metrics import METRICS_FILE, read_metrics
+from arguments import RunError, load_config
+from evaluation.monitor import METRICS_FILE, read_metrics
+from evaluation.plots import plot_ab
+from utils.files import write_json_atomic, write_text_atomic
 
 # paper Table 1 (CLIP similarity on the 415 DreamFusion prompts; baselines sourced from GaussianDreamer):
 # method -> (ViT-L/14, ViT-bigG-14)
@@ -25,7 +26,6 @@ def load_arm(run: Path, label: str) -> dict:
         raise RunError(f"{path} holds no records; the run stopped before its first metrics record")
     prompt = None
     if (Path(run) / "config.yaml").is_file():
-        from arguments import load_config
         prompt = load_config(Path(run) / "config.yaml").GuidanceParams.text
     return {"label": label, "run": str(run), "prompt": prompt, "mode": records[-1].get("mode"), "records": records}
 
@@ -36,36 +36,6 @@ def final_numbers(arm: dict) -> dict:
     return {"first_iteration": first["iteration"], "final_iteration": last["iteration"],
             "matching_loss_first": first["matching_loss"], "matching_loss_final": last["matching_loss"],
             "matching_loss_final_std": last.get("matching_loss_std", 0.0), "clip_final": dict(last.get("clip", {}))}
-
-
-def plot_ab(arms: list[dict], path: Path) -> None:
-    """Matching loss and CLIP similarity vs iteration for both arms, one PNG with two panels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_m, ax_c) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for arm, color in zip(arms, ("tab:blue", "tab:green", "tab:red", "tab:purple")):
-        its = [r["iteration"] for r in arm["records"]]
-        ax_m.plot(its, [r["matching_loss"] for r in arm["records"]], "o-", ms=3, color=color,
-                  label=f"{arm['label']} ({arm['mode']})")
-        labels = sorted({k for r in arm["records"] for k in r.get("clip", {})})
-        for label, style in zip(labels, ("o-", "s--", "^:", "d-.")):
-            pts = [(r["iteration"], r["clip"][label]) for r in arm["records"] if label in r.get("clip", {})]
-            ax_c.plot(*zip(*pts), style, ms=3, color=color, label=f"{arm['label']} {label}")
-    ax_m.set_xlabel("iteration")
-    ax_m.set_ylabel("matching loss (Eq. 5, eps space, RMS)")
-    ax_m.set_title("matching loss under the iteration's network", fontsize=9)
-    ax_m.legend(fontsize=8)
-    ax_c.set_xlabel("iteration")
-    ax_c.set_ylabel("CLIP similarity (100 x cos)")
-    ax_c.set_title("CLIP snapshot (evaluation rig)", fontsize=9)
-    if ax_c.lines:
-        ax_c.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def ab_markdown(arms: list[dict], finals: list[dict], protocol: dict | None = None) -> str:

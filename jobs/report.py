@@ -13,15 +13,16 @@ import io
 import math
 from pathlib import Path
 
-from utils.ab_report import PAPER_TABLE1
-from utils.clip_score import PAPER_MODELS
-from utils.general import write_json_atomic, write_text_atomic
+from evaluation.ab_report import PAPER_TABLE1
+from evaluation.clip import PAPER_MODELS
+from evaluation.ood import MATCHING
+from utils.files import write_json_atomic, write_text_atomic
 
-# our CLIP label of each paper column (utils.clip_eval.model_label of the paper's scorers)
+# our CLIP label of each paper column (evaluation.clip.model_label of the paper's scorers)
 PAPER_COLUMNS = {f"{name}:{pretrained}": column for (name, pretrained), column in
                  zip(PAPER_MODELS, ("ViT-L/14", "ViT-bigG-14"))}
-# the two metrics besides the CLIP scores (lower is better for both)
-MATCHING, WALL = "matching_loss", "wall_s"
+# the metric besides the CLIP scores and the matching loss (lower is better for both)
+WALL = "wall_s"
 
 
 def clip_labels(rows: list[dict]) -> list[str]:

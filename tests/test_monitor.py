@@ -11,11 +11,12 @@ import torch
 import evaluate
 import form_path
 import train
-from arguments import load_config
+from arguments import ConfigError, load_config
+from arguments.checks import check_eval_params
 from guidance.ptd_utils import ptd_weight
 from test_end_to_end import SMOKE, TINY_RUN, crash_train_at
-from utils.training_metrics import (METRICS_FILE, preserved_rng, read_metrics, record_iterations,
-                                    reset_metrics_file)
+from evaluation.monitor import METRICS_FILE, read_metrics, record_iterations, reset_metrics_file
+from utils.rng import preserved_rng
 
 pytestmark = pytest.mark.slow
 
@@ -115,8 +116,8 @@ def test_bad_eval_params_are_one_line(runs):
                   "EvalParams.probe_timesteps=[100,1200]")
     with pytest.raises(ValueError, match=r"EvalParams.probe_timesteps must be timestep indices in \[0, 999\)"):
         train.main(cfg, overwrite=True)
-    with pytest.raises(ValueError, match="metrics_interval must be >= 0"):
-        record_iterations(-1, 10)
+    with pytest.raises(ConfigError, match="metrics_interval must be >= 0"):
+        check_eval_params(load_config(SMOKE, ["EvalParams.metrics_interval=-1"]))
 
 
 def test_record_iterations_and_file_reset(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.clip_score import ClipScorer
+from evaluation.clip import ClipScorer
 
 TINY_CLIP = {"embed_dim": 16,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},

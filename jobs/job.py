@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from arguments import Config, apply_override, config_from_dict, config_to_dict, run_dir, save_config
-from utils.general import stable_hash, write_json_atomic
+from utils.files import stable_hash, write_json_atomic
 from utils.prompts import slugify
 
 # the arms known by name; others are defined with --arm NAME Section.key=value ...

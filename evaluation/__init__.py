@@ -1,0 +1,2 @@
+"""Everything that measures a run: CLIP similarity (paper protocol), the OOD probe's matching loss, the training
+monitor, the A/B report and the figures."""

@@ -1,0 +1,1 @@
+"""What the stage scripts (form_path.py, train.py, probe_ood.py) and the measurements share to start a run."""
