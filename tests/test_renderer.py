@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gaussian_renderer import BackendUnavailableError, disparity, render, resolve_backend
+from gaussian_renderer import BackendUnavailableError, disparity, render, render_views, resolve_backend
 from gaussian_renderer.dense_reference import render_dense
 from gaussian_renderer.torch_backend import render_torch
 from scene import GaussianModel, orbit_camera
@@ -186,6 +186,15 @@ def test_render_dispatch_contract_and_gradients_reach_parameters():
     for p in (model._xyz, model._features_dc, model._features_rest, model._opacity, model._scaling, model._rotation):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     assert out["viewspace_points"].grad[~out["visibility_filter"]].abs().sum() == 0
+
+
+def test_render_views_stacks_plain_renders():
+    model = model_from(random_scene(80, 1, torch.float32, seed=5), 1)
+    cams = [orbit_camera(3.0, 70.0 + 10 * k, 40.0 * k, 0.6, 24, 16) for k in range(3)]
+    bg = torch.tensor([0.2, 0.9, 0.4])
+    views = render_views(cams, model, bg, backend="torch")
+    expected = torch.stack([render(c, model, bg, backend="torch")["render"].detach() for c in cams]).clamp(0, 1)
+    assert views.shape == (3, 3, 16, 24) and not views.requires_grad and torch.equal(views, expected)
 
 
 def test_sh_degree_bg_and_scale_noise_options():

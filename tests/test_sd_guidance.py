@@ -196,6 +196,25 @@ def test_encode_decode_shapes_seeding_and_gradients(tiny_path):
         g.encode_images(torch.rand(1, 3, 60, 60))
 
 
+def test_batched_encode_sample_and_mean(tiny_path):
+    """encode(mean=False) is encode_images in batches (same generator draws); encode(mean=True) is the VAE posterior
+    mean, draws nothing, and has no gradient."""
+    g = make(tiny_path)
+    images = leaf_images()[:3].detach()
+    state = g.state_dict()
+    batched = g.encode(images, batch=2)
+    after = g.state_dict()["generator"]
+    g.load_state_dict(state)
+    one_by_one = torch.cat([g.encode_images(images[:2]), g.encode_images(images[2:])]).detach()
+    assert torch.equal(batched, one_by_one) and torch.equal(after, g.state_dict()["generator"])
+    g.load_state_dict(state)
+    mean = g.encode(images.requires_grad_(True), mean=True, batch=2)
+    assert torch.equal(g.state_dict()["generator"], state["generator"]) and not mean.requires_grad
+    with torch.no_grad():
+        expected = torch.cat([g.vae.encode(2 * x - 1).latent_dist.mean for x in (images[:2], images[2:])])
+    assert torch.equal(mean, expected * g.vae.config.scaling_factor)
+
+
 def test_bad_inputs_raise_one_line_errors(tiny_path):
     with pytest.raises(ValueError, match="GuidanceParams.text is empty") as err:
         StableDiffusionGuidance(GuidanceParams(model_key=str(tiny_path)), "cpu", warmup_iter=1500)

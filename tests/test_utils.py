@@ -39,6 +39,24 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.txt"]
 
 
+def test_atomic_writes_follow_the_umask(tmp_path):
+    """Outputs get the mode any new file would (mkstemp alone gives 0600), folders too."""
+    from utils.files import atomic_folder, write_text_atomic
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+        with atomic_folder(tmp_path / "folder") as tmp:
+            (tmp / "f").write_text("y")
+        os.umask(0o077)
+        write_text_atomic(tmp_path / "b.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755 and (tmp_path / "folder" / "f").read_text() == "y"
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "folder"]
+
+
 def test_stable_hash_ignores_key_order():
     assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
