@@ -28,8 +28,8 @@ from pathlib import Path
 
 from arguments import Config, RunError, parse_cli, run_dir
 from evaluation.clip import PAPER_MODELS, parse_clip_models
-from jobs.job import (JobInterrupted, done_row, evaluation_settings, failed_row, lost_row, make_jobs, parse_arms,
-                     parse_seeds, run_job, running_jobs)
+from jobs.job import (PROJECT_ROOT, JobInterrupted, done_row, evaluation_settings, failed_row, lost_row, make_jobs,
+                     parse_arms, parse_seeds, run_job, running_jobs)
 from jobs.report import summarize, write_results
 from stages.run import check_writable, run_entry
 from utils.prompts import read_prompts
@@ -58,14 +58,17 @@ class BatchOptions:
     list_only: bool = False  # --list
 
 
-def plan(cfg: Config, args: BatchOptions) -> tuple[Path, list]:
+def plan(cfg: Config, options: BatchOptions) -> tuple[Path, list]:
     """The output folder and the job list."""
-    prompts = read_prompts(args.prompts, keep_empty=True)[:args.limit]
-    arms = parse_arms(args.arms, args.arm)
-    seeds = parse_seeds(args.seeds) if args.seeds else [cfg.seed]
-    if args.baseline is not None and args.baseline not in arms:
-        raise RunError(f"--baseline '{args.baseline}' is not one of the arms ({', '.join(arms)})")
-    out = Path(args.out) if args.out else run_dir(cfg).parent / f"batch_{Path(args.opt or 'defaults').stem}"
+    if not (PROJECT_ROOT / "train.py").is_file():
+        raise RunError(f"the stage scripts are not beside the installed packages ({PROJECT_ROOT}); run batch.py from "
+                       f"a checkout installed with `pip install -e .`")
+    prompts = read_prompts(options.prompts, keep_empty=True)[:options.limit]
+    arms = parse_arms(options.arms, options.arm)
+    seeds = parse_seeds(options.seeds) if options.seeds else [cfg.seed]
+    if options.baseline is not None and options.baseline not in arms:
+        raise RunError(f"--baseline '{options.baseline}' is not one of the arms ({', '.join(arms)})")
+    out = Path(options.out) if options.out else run_dir(cfg).parent / f"batch_{Path(options.opt or 'defaults').stem}"
     out = out.resolve()  # Ray workers on other nodes do not start in this folder
     check_writable(out)
     return out, make_jobs(cfg, prompts, arms, seeds, out / "runs")
@@ -78,7 +81,7 @@ def one_line(err: BaseException) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
-def run_local(jobs: list, args: BatchOptions, threads: int, bar) -> dict:
+def run_local(jobs: list, options: BatchOptions, threads: int, bar) -> dict:
     """The jobs one after another in this process; an interrupted job is retried (resumed) up to --max-retries."""
     rows = {}
 
@@ -87,9 +90,9 @@ def run_local(jobs: list, args: BatchOptions, threads: int, bar) -> dict:
 
     for job in jobs:
         show(1)
-        for attempt in range(args.max_retries + 1):
+        for attempt in range(options.max_retries + 1):
             try:
-                rows[job.name] = run_job(job, args.clip_models, args.clip_resolution, threads)
+                rows[job.name] = run_job(job, options.clip_models, options.clip_resolution, threads)
                 break
             except JobInterrupted as err:
                 rows[job.name] = failed_row(job, f"{err} (after {attempt + 1} attempts)")
@@ -101,42 +104,42 @@ def run_local(jobs: list, args: BatchOptions, threads: int, bar) -> dict:
     return rows
 
 
-def start_ray(args: BatchOptions):
+def start_ray(options: BatchOptions):
     try:
         import ray
     except ImportError:
         raise RunError("Ray is not installed; pip install '.[batch]' (or 'ray>=2.9'), or run with --local") from None
     try:
-        if args.address:
-            ray.init(address=args.address, log_to_driver=False)
+        if options.address:
+            ray.init(address=options.address, log_to_driver=False)
         else:  # a new instance, even when RAY_ADDRESS or a `ray start` cluster exists on this machine
-            workers = args.workers * (args.cpus_per_job or 1) if args.workers else None
+            workers = options.workers * (options.cpus_per_job or 1) if options.workers else None
             ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     except ConnectionError as err:
-        raise RunError(f"cannot reach the Ray cluster at --address {args.address} ({err}); start it with `ray start` "
-                       f"or drop --address for a local instance") from None
+        raise RunError(f"cannot reach the Ray cluster at --address {options.address} ({err}); start it with "
+                       f"`ray start` or drop --address for a local instance") from None
     return ray
 
 
-def job_resources(cluster: dict, args: BatchOptions) -> tuple[int, int]:
+def job_resources(cluster: dict, options: BatchOptions) -> tuple[int, int]:
     """(CPUs, GPUs) of one job: one GPU each when the cluster has GPUs, unless --gpus-per-job says otherwise."""
-    gpus = args.gpus_per_job if args.gpus_per_job is not None else int(cluster.get("GPU", 0) >= 1)
-    cpus = args.cpus_per_job or 1
+    gpus = options.gpus_per_job if options.gpus_per_job is not None else int(cluster.get("GPU", 0) >= 1)
+    cpus = options.cpus_per_job or 1
     if gpus > cluster.get("GPU", 0) or cpus > cluster.get("CPU", 0):
         raise RunError(f"a job asks for {cpus} CPUs and {gpus} GPUs but the Ray cluster has {cluster.get('CPU', 0):g} "
                        f"CPUs and {cluster.get('GPU', 0):g} GPUs; lower --cpus-per-job/--gpus-per-job")
     return cpus, gpus
 
 
-def run_ray(jobs: list, args: BatchOptions, runs_root: Path, bar) -> dict:
+def run_ray(jobs: list, options: BatchOptions, runs_root: Path, bar) -> dict:
     """The jobs as Ray tasks; Ray retries a task whose stage was killed (JobInterrupted) or whose worker died."""
-    ray = start_ray(args)
+    ray = start_ray(options)
     try:
-        cpus, gpus = job_resources(ray.cluster_resources(), args)
-        task = ray.remote(run_job).options(num_cpus=cpus, num_gpus=gpus, max_retries=args.max_retries,
+        cpus, gpus = job_resources(ray.cluster_resources(), options)
+        task = ray.remote(run_job).options(num_cpus=cpus, num_gpus=gpus, max_retries=options.max_retries,
                                            retry_exceptions=[JobInterrupted])
         started = time.time()
-        pending = {task.remote(job, args.clip_models, args.clip_resolution, cpus): job for job in jobs}
+        pending = {task.remote(job, options.clip_models, options.clip_resolution, cpus): job for job in jobs}
         rows, shown = {}, None
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
@@ -157,37 +160,38 @@ def run_ray(jobs: list, args: BatchOptions, runs_root: Path, bar) -> dict:
         ray.shutdown()
 
 
-def main(cfg: Config, args: BatchOptions) -> int:
+def main(cfg: Config, options: BatchOptions) -> int:
     """Run (or list) the batch; returns the exit code (0: every job done, 1: some failed)."""
     from tqdm import tqdm
 
-    out, jobs = plan(cfg, args)
+    out, jobs = plan(cfg, options)
     runs_root = out / "runs"
-    evaluation = evaluation_settings(args.clip_models, args.clip_resolution)
+    evaluation = evaluation_settings(options.clip_models, options.clip_resolution)
     finished = {job.name: row for job in jobs if (row := done_row(job, runs_root, evaluation))}
     todo = [job for job in jobs if job.name not in finished]
     arms = list(dict.fromkeys(job.arm for job in jobs))
     print(f"batch: {len(jobs)} jobs ({len({j.prompt for j in jobs})} prompts x {len(arms)} arms x "
           f"{len({j.seed for j in jobs})} seeds) in {out}; {len(finished)} done before, {len(todo)} to run"
-          + ("" if not todo else " (locally, one at a time)" if args.local else " on Ray"))
-    if args.list_only:
+          + ("" if not todo else " (locally, one at a time)" if options.local else " on Ray"))
+    if options.list_only:
         for job in jobs:
             print(f"{'done' if job.name in finished else 'todo'}  {job.name}")
         return 0
     rows = dict(finished)
     if todo:
-        threads = args.cpus_per_job or os.cpu_count() or 1  # --local; on Ray a job's threads are its CPUs
+        threads = options.cpus_per_job or os.cpu_count() or 1  # --local; on Ray a job's threads are its CPUs
         with tqdm(total=len(todo), desc="batch", unit="job", file=sys.stderr) as bar:
             try:
-                rows.update(run_local(todo, args, threads, bar) if args.local else run_ray(todo, args, runs_root, bar))
+                rows.update(run_local(todo, options, threads, bar) if options.local
+                            else run_ray(todo, options, runs_root, bar))
             except KeyboardInterrupt:
                 print(f"\ninterrupted; rerun the same command to resume ({out})", file=sys.stderr)
                 raise
     ordered = [rows[job.name] for job in jobs]
-    summary = summarize(ordered, arms, args.baseline)
+    summary = summarize(ordered, arms, options.baseline)
     header = [f"# Batch results: {len(jobs)} jobs", "",
-              f"config: {args.opt} {' '.join(args.overrides)}".rstrip() + f"; arms: {', '.join(arms)}; written "
-              f"{time.strftime('%Y-%m-%d %H:%M')}; CLIP: {args.clip_models}, {args.clip_resolution} px"]
+              f"config: {options.opt} {' '.join(options.overrides)}".rstrip() + f"; arms: {', '.join(arms)}; written "
+              f"{time.strftime('%Y-%m-%d %H:%M')}; CLIP: {options.clip_models}, {options.clip_resolution} px"]
     write_results(out, ordered, summary, header)
     failed = [row for row in ordered if row["status"] != "done"]
     print(f"results: {out / 'results.md'} (+ results.csv, results.json); {len(ordered) - len(failed)} done, "
@@ -213,10 +217,13 @@ def cli(argv=None) -> int:
     parser.add_argument("--cpus-per-job", type=int, default=None,
                         help="CPUs (and torch threads) per job (default 1 on Ray, all cores with --local)")
     parser.add_argument("--gpus-per-job", type=int, default=None, help="default 1 when the cluster has GPUs, else 0")
-    parser.add_argument("--max-retries", type=int, default=3, help="retries of a job whose stage was killed")
-    parser.add_argument("--clip-models", default=None, help="NAME:PRETRAINED,... (default the paper's ViT-L/14 and "
+    parser.add_argument("--max-retries", type=int, default=BatchOptions.max_retries,
+                        help="retries of a job whose stage was killed")
+    parser.add_argument("--clip-models", default=BatchOptions.clip_models,
+                        help="NAME:PRETRAINED,... (default the paper's ViT-L/14 and "
                         "ViT-bigG-14), 'tiny' (offline toy scorer) or 'none'")
-    parser.add_argument("--clip-resolution", type=int, default=512, help="render size of the 16 CLIP views")
+    parser.add_argument("--clip-resolution", type=int, default=BatchOptions.clip_resolution,
+                        help="render size of the 16 CLIP views")
     parser.add_argument("--baseline", default=None, help="arm the others are compared with (default the first)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--list", dest="list_only", action="store_true",
@@ -231,7 +238,6 @@ def cli(argv=None) -> int:
         parser.error("--workers sizes the local Ray instance; it has no effect with --local or --address")
     if args.clip_resolution < 1:
         parser.error("--clip-resolution must be >= 1 (the paper's protocol: 512)")
-    args.clip_models = args.clip_models or ",".join(f"{n}:{p}" for n, p in PAPER_MODELS)
     try:  # checked now, not after hours of training
         parse_clip_models(args.clip_models)
     except ValueError as err:

@@ -31,7 +31,8 @@ import torch
 from arguments import RunError, load_config
 from evaluation.ab_report import write_ab_report
 from evaluation.clip import clip_scores, load_scorers, parse_clip_models, rig_images
-from evaluation.ood import MATCHING, matching_loss_summary, probe_inputs
+from evaluation import MATCHING
+from evaluation.ood import matching_loss_summary, probe_inputs
 from scene import GaussianModel
 from stages.run import background, make_guidance, run_entry
 from utils.device import resolve_device
@@ -161,7 +162,7 @@ def evaluate_runs(path: str | Path, *, clip_models: str | None = None, matching_
     if not ready:
         raise RunError(f"no finished run to score in '{source}' (unfinished: {len(unfinished)}, prompts without a "
                        f"run: {len(missing_prompts)})")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "--device")
     models = parse_clip_models(clip_models)
     if not models and not matching_loss:
         raise RunError("--clip-models none with no --matching-loss measures nothing; name a CLIP model or add "
@@ -186,24 +187,18 @@ def evaluate_runs(path: str | Path, *, clip_models: str | None = None, matching_
 
 
 def ab_report(vanilla: str | Path, ptd: str | Path, *, out: str | Path | None = None, clip_models: str | None = None,
-              **scoring) -> dict:
+              matching_loss: bool = False, resolution: int = 512, device: str = "auto",
+              backend: str = "auto") -> dict:
     """The A/B report of two runs (<out>/ab_report.{png,md,json}); with `clip_models` also the protocol scores of
-    their final PLYs (`scoring`: evaluate_runs' matching_loss, resolution, device, backend)."""
+    their final PLYs (the other arguments as in evaluate_runs)."""
     vanilla, ptd = Path(vanilla), Path(ptd)
     out = Path(out) if out else ptd.parent / f"ab_{vanilla.name}_vs_{ptd.name}"
     protocol = None
     if clip_models:
-        protocol = {label: evaluate_runs(run, clip_models=clip_models, out=out / label, **scoring)["overall"]
+        protocol = {label: evaluate_runs(run, clip_models=clip_models, matching_loss=matching_loss, out=out / label,
+                                         resolution=resolution, device=device, backend=backend)["overall"]
                     for label, run in (("vanilla", vanilla), ("PTD", ptd))}
     return write_ab_report(vanilla, ptd, out, protocol)
-
-
-def main(path: str | Path | None = None, *, ab: tuple[str, str] | None = None, **options) -> dict:
-    """`evaluate_runs(path, **options)`, or with `ab=(VANILLA_RUN, PTD_RUN)` the A/B report of two runs."""
-    if ab:
-        options.pop("prompts", None)
-        return ab_report(*ab, **options)
-    return evaluate_runs(path, **options)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -228,9 +223,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cli(argv=None) -> int:
     args = parse_args(argv)
-    return run_entry(main, args.path, ab=args.ab, clip_models=args.clip_models, matching_loss=args.matching_loss,
-                     prompts=args.prompts, out=args.out, resolution=args.resolution, device=args.device,
-                     backend=args.backend)
+    scoring = dict(clip_models=args.clip_models, matching_loss=args.matching_loss, out=args.out,
+                   resolution=args.resolution, device=args.device, backend=args.backend)
+    if args.ab:
+        return run_entry(ab_report, *args.ab, **scoring)
+    return run_entry(evaluate_runs, args.path, prompts=args.prompts, **scoring)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from arguments import Config, RunError, parse_cli, run_dir
 from arguments.checks import check_timesteps
 from evaluation.ood import PROBE_CAMERA_OFFSET, cached_prior_latents, matching_losses

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import yaml
 
 from arguments.errors import ConfigError, RunError
-from arguments.params import (STOCK_UNUSED, Config, EvalParams, GenerateCamParams, GuidanceParams, ModelParams,
+from arguments.params import (RETIRED, STOCK_UNUSED, Config, EvalParams, GenerateCamParams, GuidanceParams, ModelParams,
                               OptimizationParams, PipelineParams, PTDParams)
 from utils.files import write_text_atomic
 
@@ -94,6 +94,9 @@ def _set_field(obj: Any, group: str, key: str, value: Any, source: str) -> None:
         if key in STOCK_UNUSED.get(group, set()):
             warnings.warn(f"{source}: ignoring stock LucidDreamer key '{dotted}' (not used by this project)",
                           stacklevel=3)
+            return
+        if key in RETIRED.get(group, {}):
+            warnings.warn(f"{source}: ignoring retired key '{dotted}' ({RETIRED[group][key]})", stacklevel=3)
             return
         raise ConfigError(f"{source}: unknown key '{dotted}'{_closest(key, fields)}")
     setattr(obj, key, _check_type(value, hints[key], f"{source}: '{dotted}'"))

@@ -2,7 +2,7 @@
 
 Pure: reads the config (and whether its input paths exist), imports nothing above `arguments/`. Each failure is a
 one-line `ConfigError` naming the key and the fix. What depends on the machine (an installed rasteriser, a model in
-the cache, a writable output folder) is checked by `stages.setup.validate`, which calls `check_config` first.
+the cache, a writable output folder) is checked by `stages.run.validate`, which calls `check_config` first.
 """
 from __future__ import annotations
 

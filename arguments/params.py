@@ -300,3 +300,9 @@ STOCK_UNUSED = {
     "PTDParams": set(),
     "EvalParams": set(),
 }
+
+# Keys this project once wrote into run configs and no longer has: an older run's config.yaml still loads (evaluate,
+# --resume), with a one-line warning naming why the key went.
+RETIRED = {
+    "OptimizationParams": {"background_lr": "the never-rendered background colour is no longer a parameter"},
+}

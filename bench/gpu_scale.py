@@ -93,19 +93,15 @@ def sd21_model_dir(folder: Path | None = None, device: torch.device | str = "cpu
     folder = Path(folder) if folder is not None else default_model_dir()
     if (folder / "model_index.json").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".build_"))
-    try:
-        t0 = time.perf_counter()
+    from utils.files import atomic_folder
+
+    t0 = time.perf_counter()
+    with atomic_folder(folder, keep_existing=True) as tmp:
         pipe = build_sd21_pipeline(device)
         pipe.to(dtype=torch.float16).save_pretrained(tmp, safe_serialization=True)
         del pipe
-        os.replace(tmp, folder)
-        print(f"built SD 2.1-base architecture (random weights) into {folder} in {time.perf_counter() - t0:.0f} s",
-              file=sys.stderr)
-    finally:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"built SD 2.1-base architecture (random weights) into {folder} in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
     return folder
 
 

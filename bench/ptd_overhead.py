@@ -394,8 +394,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_park:
-        import guidance.ptd_utils as ptd_utils
-        ptd_utils._set_branch = lambda layer, adapter, on: None  # parking (merged mode keeps its own reference)
+        if any(o.replace(" ", "").lower() == "ptdparams.merge_lora=true" for o in args.overrides):
+            ap.error("--no-park cannot be combined with PTDParams.merge_lora=true (merged mode needs the parking)")
+        from guidance import lora_merge, ptd_utils
+        ptd_utils._set_branch = lora_merge._set_branch = lambda layer, adapter, on: None  # no parking anywhere
         print("--no-park: the LoRA branch is computed at w = 0 (scaled by 0)")
     from utils.device import resolve_device
 

@@ -26,8 +26,6 @@ from utils.files import atomic_path, stable_hash
 
 # camera stream of the probe's renders (stage 2 draws with seed offset 0, stage 1 with 1): held-out views
 PROBE_CAMERA_OFFSET = 2
-# key of the mean matching loss in evaluation reports and batch rows
-MATCHING = "matching_loss"
 
 
 def prior_sample_key(guidance, n: int, seed: int, height: int, width: int, steps: int) -> dict:

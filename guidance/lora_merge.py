@@ -21,9 +21,7 @@ from typing import Iterator, Mapping
 import torch
 
 from guidance import ptd_utils
-# Merged layers park through the `_set_branch` imported here (they must stay parked); unmerged ones through
-# `ptd_utils._set_branch`, looked up at each call like ptd_utils' own, which bench/ptd_overhead.py --no-park replaces.
-from guidance.ptd_utils import PathTracer, _finite, _lora_layers, _pairs, _set_branch
+from guidance.ptd_utils import PathTracer, _finite, _lora_layers, _pairs, _scale_adapter, _set_branch
 
 __all__ = ["merge_lora", "set_scale", "scale", "load_adapter_weights", "make_tracer"]
 
@@ -97,7 +95,7 @@ def set_scale(model: torch.nn.Module, weight: float, adapter_name: str | None = 
     weight = _finite(weight)
     for layer, adapter in _pairs(model, adapter_name):
         if _merged(layer, adapter) is None:
-            ptd_utils._scale_adapter(layer, adapter, weight, strict=adapter_name is not None)
+            _scale_adapter(layer, adapter, weight, strict=adapter_name is not None)
         else:
             _set_branch(layer, adapter, False)  # parked again if anyone re-activated it: the weight carries it
             layer.set_scale(adapter, weight)
@@ -116,7 +114,7 @@ def scale(model: torch.nn.Module, weight: float, adapter_name: str | None = None
         for layer, adapter, scaling in saved:
             layer.scaling[adapter] = scaling
             if _merged(layer, adapter) is None:
-                ptd_utils._set_branch(layer, adapter, scaling != 0.0)
+                _set_branch(layer, adapter, scaling != 0.0)
             else:
                 _write(layer, adapter)
 

@@ -21,7 +21,9 @@ import torch
 from arguments.checks import check_guidance_params
 from arguments.params import GuidanceParams
 from guidance import ism
+from guidance.lora_merge import scale
 from guidance.perpneg import perpneg_cfg, perpneg_view
+from guidance.tiny import tiny_model_path
 
 VIEWS = ("front", "side", "back")
 
@@ -30,7 +32,6 @@ def resolve_model_key(key: str, cache_dir: str | os.PathLike | None = None) -> s
     """Local folder of the prior: "tiny" / "tiny-v" (offline toy models), a local folder, or a hub id ALREADY in the
     Hugging Face cache (`cache_dir`, default the standard cache). Never downloads; anything else -> ValueError."""
     if key in ("tiny", "tiny-v"):
-        from guidance.tiny import tiny_model_path
         return str(tiny_model_path("epsilon" if key == "tiny" else "v_prediction"))
     if os.path.isdir(key):
         return str(key)
@@ -142,13 +143,16 @@ class StableDiffusionGuidance:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """VAE posterior SAMPLE x scaling factor (seeded by the guidance generator), differentiable in the pixels.
         images [B, 3, H, W] in [0, 1] -> latents [B, 4, H/f, W/f], f = vae_scale_factor, in images' dtype."""
+        latents = self._posterior(images).sample(generator=self.generator) * self.vae.config.scaling_factor
+        return latents.to(images.dtype)
+
+    def _posterior(self, images: torch.Tensor):
+        """The VAE's posterior of images [B, 3, H, W] in [0, 1] (H, W multiples of the VAE factor)."""
         f = self.vae_scale_factor
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] % f or images.shape[-1] % f:
             raise ValueError(f"images must be [B, 3, H, W] with H, W multiples of the VAE factor {f}; got "
                              f"{list(images.shape)}")
-        posterior = self.vae.encode((2 * images - 1).to(self.dtype)).latent_dist
-        latents = posterior.sample(generator=self.generator) * self.vae.config.scaling_factor
-        return latents.to(images.dtype)
+        return self.vae.encode((2 * images - 1).to(self.device, self.dtype)).latent_dist
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, *, mean: bool = False, batch: int = 8) -> torch.Tensor:
@@ -157,14 +161,10 @@ class StableDiffusionGuidance:
         mean=False: the posterior SAMPLE of `encode_images` (draws from the guidance generator: stage 1's cached
         renders, like stage 2's steps); mean=True: the posterior MEAN in fp32, which draws nothing (measurements,
         which must not move the training step's stream)."""
-        out = []
-        for i in range(0, images.shape[0], batch):
-            if not mean:
-                out.append(self.encode_images(images[i:i + batch]))
-                continue
-            x = (2 * images[i:i + batch] - 1).to(self.device, self.dtype)
-            out.append(self.vae.encode(x).latent_dist.mean.float() * self.vae.config.scaling_factor)
-        return torch.cat(out)
+        if not mean:
+            return torch.cat([self.encode_images(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+        return torch.cat([self._posterior(images[i:i + batch]).mean.float() * self.vae.config.scaling_factor
+                          for i in range(0, images.shape[0], batch)])
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, 4, h, w] -> images [B, 3, h f, w f] in [0, 1] (latents' dtype)."""
@@ -182,8 +182,6 @@ class StableDiffusionGuidance:
         move. Decoded to images and re-encoded (`encode(mean=True)`), so that samples reach the latent space through
         the same encoder as renders."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-        from guidance.lora_merge import scale
 
         gp = self.gp
         components = dict(self.pipe.components)

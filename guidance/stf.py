@@ -86,7 +86,7 @@ def matching_loss(eps_pred: torch.Tensor, x_t: torch.Tensor, ref_x0: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# reporting: per-timestep bins and overall (probe_ood.py, utils/training_metrics.py)
+# reporting: per-timestep bins and overall (probe_ood.py, evaluation/monitor.py)
 # ----------------------------------------------------------------------------------------------------------------------
 def mean_std(values: torch.Tensor) -> tuple[float, float]:
     """(mean, sample std) of a 1-D tensor; std is 0 for a single value."""

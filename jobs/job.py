@@ -43,7 +43,7 @@ JOB_CONFIG = "batch_job.yaml"
 LOG_FILE = "batch_job.log"
 LOCK_FILE = "batch_job.lock"
 EVAL_DIR = "eval"
-# the project root: the stage commands are its modules (installed or not)
+# the checkout: the stage commands are its entry scripts (train.py, ...), which setup.py does not install
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

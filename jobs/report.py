@@ -15,13 +15,13 @@ from pathlib import Path
 
 from evaluation.ab_report import PAPER_TABLE1
 from evaluation.clip import PAPER_MODELS
-from evaluation.ood import MATCHING
+from evaluation import MATCHING
 from utils.files import write_json_atomic, write_text_atomic
 
 # our CLIP label of each paper column (evaluation.clip.model_label of the paper's scorers)
 PAPER_COLUMNS = {f"{name}:{pretrained}": column for (name, pretrained), column in
                  zip(PAPER_MODELS, ("ViT-L/14", "ViT-bigG-14"))}
-# the metric besides the CLIP scores and the matching loss (lower is better for both)
+# the metric besides the CLIP scores and the matching loss (lower is better, as for the matching loss)
 WALL = "wall_s"
 
 

@@ -47,6 +47,17 @@ def log_linear_lr(step: int, lr_init: float, lr_final: float, max_steps: int, de
     return delay * math.exp(math.log(lr_init) * (1.0 - t) + math.log(lr_final) * t)
 
 
+def _without_background_group(optimizer_state: dict) -> dict:
+    """An Adam state dict without the "background" group that checkpoints written before 2026-11-30 carry (that
+    parameter never had a gradient, so dropping it changes no update)."""
+    groups = optimizer_state["param_groups"]
+    drop = {i for g in groups if g.get("name") == "background" for i in g["params"]}
+    if not drop:
+        return optimizer_state
+    return {"state": {i: v for i, v in optimizer_state["state"].items() if i not in drop},
+            "param_groups": [g for g in groups if g.get("name") != "background"]}
+
+
 class GaussianModel:
     def __init__(self, sh_degree: int = 0, device=None, dtype: torch.dtype = torch.float32):
         if not 0 <= sh_degree <= 3:
@@ -247,7 +258,7 @@ class GaussianModel:
         if args is not None:
             self.training_setup(args)
             if state["optimizer"] is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
+                self.optimizer.load_state_dict(_without_background_group(state["optimizer"]))
         self.percent_dense = float(state.get("percent_dense", self.percent_dense))
         for key in ("xyz_gradient_accum", "denom", "max_radii2D"):
             setattr(self, key, state[key].to(self.device, self.dtype).clone())

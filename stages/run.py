@@ -13,6 +13,10 @@ import torch
 
 from arguments import Config, RunError, run_dir
 from arguments.checks import check_config
+from gaussian_renderer import BackendUnavailableError, resolve_backend
+from guidance.lora_training import load_lora, read_lora_metadata
+from guidance.sd_utils import StableDiffusionGuidance, resolve_model_key
+from scene import GaussianModel, OrbitCameraSampler, initial_point_cloud
 from utils.files import file_hash, stable_hash, write_json_atomic
 
 INIT_PLY = "init_points3d.ply"
@@ -20,7 +24,7 @@ INIT_KEY = "init_points3d.json"
 # the peft adapter name of the path LoRA, in both stages
 PATH_ADAPTER = "ptd_path"
 
-__all__ = ["INIT_PLY", "INIT_KEY", "PATH_ADAPTER", "RunError", "configure_torch", "scene_extent", "init_key",
+__all__ = ["INIT_PLY", "INIT_KEY", "PATH_ADAPTER", "configure_torch", "scene_extent", "init_key",
            "initial_gaussians", "make_guidance", "make_sampler", "background", "path_lora_dir", "path_metadata",
            "check_path_metadata", "load_path_lora", "validate", "check_writable", "run_entry"]
 
@@ -51,8 +55,6 @@ def init_key(cfg: Config) -> dict:
 def initial_gaussians(cfg: Config, device: torch.device, *, create: bool = True):
     """The run's initial Gaussians: loaded from <run>/init_points3d.ply when its key file matches this config, else
     built (seeded) and saved. Stock LucidDreamer reused any old init_points3d.ply (a stale-cache bug)."""
-    from scene import GaussianModel, initial_point_cloud
-
     folder = run_dir(cfg)
     ply, key_file = folder / INIT_PLY, folder / INIT_KEY
     key = init_key(cfg)
@@ -72,17 +74,13 @@ def initial_gaussians(cfg: Config, device: torch.device, *, create: bool = True)
     return gaussians
 
 
-def make_guidance(cfg: Config, device: torch.device):
-    from guidance.sd_utils import StableDiffusionGuidance
-
+def make_guidance(cfg: Config, device: torch.device) -> StableDiffusionGuidance:
     return StableDiffusionGuidance(cfg.GuidanceParams, device, warmup_iter=cfg.OptimizationParams.warmup_iter)
 
 
 def make_sampler(cfg: Config, device: torch.device, seed_offset: int = 0):
     """LucidDreamer's training camera sampler on its own seeded generator (stage 1 and the probe use other
     streams, seed_offset 1 and 2, so that stage 2 draws the same cameras in every arm)."""
-    from scene import OrbitCameraSampler
-
     return OrbitCameraSampler(cfg.GenerateCamParams, np.random.default_rng(cfg.seed + seed_offset),
                               batch=cfg.ModelParams.batch, device=device)
 
@@ -105,8 +103,6 @@ def path_metadata(cfg: Config) -> dict:
 
 def check_path_metadata(cfg: Config) -> dict:
     """The path LoRA folder's metadata, after checking that the folder is complete and was formed for this config."""
-    from guidance.lora_training import read_lora_metadata
-
     folder = path_lora_dir(cfg)
     info = read_lora_metadata(folder)
     for key, want in path_metadata(cfg).items():
@@ -120,8 +116,6 @@ def load_path_lora(cfg: Config, guidance) -> dict:
     """The one way the path LoRA of stage 1 enters the prior: checked against this config, loaded through diffusers
     as adapter PATH_ADAPTER (at weight 1, as trained), without moving the global random stream. Returns its
     metadata."""
-    from guidance.lora_training import load_lora
-
     info = check_path_metadata(cfg)
     with torch.random.fork_rng(devices=[]):  # adapter creation draws random init weights: keep the global stream
         load_lora(guidance.pipe, path_lora_dir(cfg), PATH_ADAPTER)
@@ -132,9 +126,6 @@ def load_path_lora(cfg: Config, guidance) -> dict:
 def validate(cfg: Config, device: torch.device) -> None:
     """Every check that needs no heavy work, before anything is written: the config's values (arguments/checks.py),
     then what this machine must have (the rasteriser, the prior's files, a writable output folder)."""
-    from gaussian_renderer import resolve_backend
-    from guidance.sd_utils import resolve_model_key
-
     check_config(cfg)
     resolve_backend(cfg.PipelineParams.backend, device)
     resolve_model_key(cfg.GuidanceParams.model_key)
@@ -153,8 +144,6 @@ def check_writable(folder: Path) -> None:
 
 def run_entry(fn, *args, **kwargs) -> int:
     """Run an entry point for the command line: bad input becomes one line on stderr and exit code 1, Ctrl-C 130."""
-    from gaussian_renderer import BackendUnavailableError
-
     try:
         fn(*args, **kwargs)
     except KeyboardInterrupt:

@@ -116,6 +116,18 @@ def test_stock_luciddreamer_config_loads_with_warnings(tmp_path):
     assert cfg.ModelParams.bg_aug_ratio == 0.66 and cfg.GenerateCamParams.init_shape == "pointe"
 
 
+def test_a_retired_key_of_an_older_run_loads_with_a_warning(tmp_path):
+    path = write(tmp_path, """
+        OptimizationParams:
+          background_lr: 0.005
+          iterations: 7
+        """)
+    with pytest.warns(UserWarning, match="retired key 'OptimizationParams.background_lr'"):
+        assert load_config(path).OptimizationParams.iterations == 7
+    with pytest.raises(ConfigError, match="unknown key 'OptimizationParams.background_l'"):
+        load_config(None, ["OptimizationParams.background_l=1"])
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["GuidanceParams.text=a cat", "PTDParams.mode=weighted", "seed=7"])
     save_config(cfg, tmp_path / "run" / "config.yaml")

@@ -1,4 +1,5 @@
 """GaussianModel: initial values, PLY I/O, checkpoints, lr schedules, densification rules, bad input."""
+import copy
 import math
 import os
 
@@ -206,6 +207,13 @@ def test_capture_restore_round_trip(tmp_path):
     assert nested_equal(fresh.capture(), state)
     one_adam_step(fresh)  # the restored optimiser keeps training the restored parameters
     assert not torch.equal(fresh._xyz.detach(), state["params"]["xyz"])
+    old = copy.deepcopy(state)  # a checkpoint from before the background parameter went: one more Adam group
+    old["optimizer"]["param_groups"].append(dict(old["optimizer"]["param_groups"][0], params=[6], name="background"))
+    old["optimizer"]["state"][6] = {k: v.clone() if v.ndim == 0 else v[0, :3].clone()
+                                    for k, v in old["optimizer"]["state"][0].items()}
+    older = GaussianModel(0)
+    older.restore(old, opt)
+    assert nested_equal(older.capture(), state)
     with pytest.raises(ValueError, match="lacks denom"):
         GaussianModel(0).restore({k: v for k, v in state.items() if k != "denom"})
 

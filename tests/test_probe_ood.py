@@ -11,7 +11,7 @@ import probe_ood
 from arguments import load_config, run_dir
 from guidance.stf import aggregate_by_timestep, matching_loss, stf_eps
 from test_end_to_end import SMOKE, TINY_RUN
-from evaluation import ood as ood_probe
+from evaluation import ood
 from guidance.sd_utils import StableDiffusionGuidance
 
 PROBE = ["EvalParams.probe_num_refs=4", "EvalParams.probe_ddim_steps=2", "EvalParams.probe_timesteps=[100,500,900]",
@@ -52,7 +52,7 @@ def test_matching_losses_layout_equals_a_loop():
     g = torch.Generator().manual_seed(1)
     x0, refs = torch.randn(3, 4, 2, 2, generator=g), torch.randn(5, 4, 2, 2, generator=g)
     timesteps, draws, emb = [100, 700], 2, torch.zeros(1, 77, 8)
-    out = ood_probe.matching_losses(FakeGuidance(), x0, refs, timesteps, emb, seed=7, draws=draws, batch=4)
+    out = ood.matching_losses(FakeGuidance(), x0, refs, timesteps, emb, seed=7, draws=draws, batch=4)
     assert out.shape == (2, 3, 2)
     gen = torch.Generator().manual_seed(7)
     for i, t in enumerate(timesteps):
@@ -72,7 +72,7 @@ def test_matching_loss_is_zero_for_the_stf_denoiser():
         def unet_eps(self, x_t, t, emb):
             abar = self.abar(t)
             return stf_eps(x_t, refs, abar.sqrt(), (1 - abar).sqrt())
-    out = ood_probe.matching_losses(StfGuidance(), refs[:2], refs, [300], torch.zeros(1, 77, 8), seed=0)
+    out = ood.matching_losses(StfGuidance(), refs[:2], refs, [300], torch.zeros(1, 77, 8), seed=0)
     assert out.abs().max() < 1e-5
 
 

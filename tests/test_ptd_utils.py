@@ -225,7 +225,8 @@ def test_tracer_set_scale_is_the_extension_point():
     model, calls = toy_lora_model(), []
     tracer = PathTracer("weighted", total_steps=4, set_scale=lambda m, w, name: calls.append((m, w, name)))
     assert [tracer.apply(model, s) for s in (1, 5)] == [1.0, 0.0]
-    assert calls == [(model, 1.0, "ptd_path"), (model, 0.0, "ptd_path")] and relative_weights(model) == {1.0}  # untouched
+    assert calls == [(model, 1.0, "ptd_path"), (model, 0.0, "ptd_path")]
+    assert relative_weights(model) == {1.0}  # untouched
 
 
 def _checkpoint(model, value):

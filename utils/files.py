@@ -1,44 +1,37 @@
 """The project's one way to write files: atomically (a temporary name beside the target, then os.replace), with the
-permissions any other new file would get under the process umask (mkstemp's 0600 would hide outputs from the group
-on shared storage). Plus content hashes for cache keys."""
+permissions any other new file gets under the process umask. Plus content hashes for cache keys."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask can only set-and-return)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _temp_name(path: Path, suffix: str = "") -> Path:
+    return path.parent / f".tmp_{path.name}.{secrets.token_hex(6)}{suffix}"
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` atomically (mode 0666 minus the umask), on
-    error it is removed and `path` is left as it was."""
+    """Yield a new empty temporary file beside `path`; on success it replaces `path` atomically, on error it is removed
+    and `path` is left as it was. Created with mode 0666, which the kernel reduces by the umask (mkstemp's 0600 would
+    hide outputs from the group on shared storage)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp_{path.name}.", suffix=suffix or path.suffix)
-    os.close(fd)
-    tmp = Path(tmp)
+    while True:
+        tmp = _temp_name(path, suffix or path.suffix)
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -46,21 +39,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `folder`; on success it takes `folder`'s place (an old folder is moved aside,
-    then removed), on error it is removed and `folder` is left as it was. keep_existing: a `folder` that exists by
-    then wins and the new one is dropped (caches that concurrent builders fill alike)."""
+    """Yield a new temporary folder beside `folder` (mode 0777 less the umask); on success it takes `folder`'s place
+    (an old folder is moved aside, then removed), on error it is removed and `folder` is left as it was.
+    keep_existing: a `folder` that exists by then wins and the new one is dropped (caches that concurrent builders
+    fill alike: the rename fails when another builder got there first)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp_"))
+    tmp = _temp_name(folder)
+    os.mkdir(tmp, 0o777)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if keep_existing and folder.exists():
+        if keep_existing:
+            try:
+                os.rename(tmp, folder)  # refuses to replace a non-empty folder
+            except OSError:
+                if not folder.is_dir():
+                    raise
             return
         old = None
         if folder.exists():
-            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old_"))
-            os.replace(folder, old / folder.name)
+            old = _temp_name(folder, ".old")
+            os.replace(folder, old)
         os.replace(tmp, folder)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
