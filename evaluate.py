@@ -22,7 +22,6 @@ EvalParams.metrics_interval=K) in <out>/ab_report.png, final numbers in ab_repor
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -34,21 +33,11 @@ from evaluation.clip import clip_scores, load_scorers, parse_clip_models, rig_im
 from evaluation import MATCHING
 from evaluation.ood import matching_loss_summary, probe_inputs
 from scene import GaussianModel
-from stages.run import background, make_guidance, run_entry
+from stages.run import DONE_MARKER, background, finished_ply, make_guidance, run_entry
 from utils.device import resolve_device
 from utils.files import write_json_atomic, write_text_atomic
 from utils.prompts import read_prompts
 from utils.rng import preserved_rng
-
-
-def final_ply(run: Path) -> Path | None:
-    """point_cloud/iteration_<max>/point_cloud.ply of a run, or None."""
-    found = []
-    for folder in (run / "point_cloud").glob("iteration_*"):
-        match = re.fullmatch(r"iteration_(\d+)", folder.name)
-        if match and (folder / "point_cloud.ply").is_file():
-            found.append((int(match.group(1)), folder / "point_cloud.ply"))
-    return max(found)[1] if found else None
 
 
 def find_runs(path: Path) -> list[Path]:
@@ -134,7 +123,7 @@ def markdown(report: dict) -> str:
         lines.append("\nmatching loss: Eq. 5 of the final model's renders under the prior against its Stable Target "
                      "Field (eps space, RMS; EvalParams.probe_*), lower = closer to the prior's distribution")
     for name in report["unfinished"]:
-        lines.append(f"\nunfinished (no final PLY): {name}")
+        lines.append(f"\nunfinished (not scored): {name}")
     for prompt in report["missing_prompts"]:
         lines.append(f"\nno run for prompt: {prompt}")
     return "\n".join(lines) + "\n"
@@ -153,10 +142,11 @@ def evaluate_runs(path: str | Path, *, clip_models: str | None = None, matching_
     source = Path(path)
     prompt_list = read_prompts(prompts) if prompts else None
     runs = find_runs(source)
-    if len(runs) == 1 and runs[0] == source and final_ply(source) is None:
-        raise RunError(f"run folder '{source}' has no point_cloud/iteration_*/point_cloud.ply; finish train.py first")
     selected, missing_prompts = select_runs(runs, prompt_list)
-    ready = [(run, cfg, final_ply(run)) for run, cfg in selected]
+    ready = [(run, cfg, finished_ply(run, cfg)) for run, cfg in selected]
+    if len(runs) == 1 and runs[0] == source and ready and ready[0][2] is None:
+        raise RunError(f"run folder '{source}' is unfinished (no {DONE_MARKER}, no final PLY of its "
+                       f"{ready[0][1].OptimizationParams.iterations} iterations); finish it with train.py --resume")
     unfinished = [run.name for run, _, ply in ready if ply is None]
     ready = [item for item in ready if item[2] is not None]
     if not ready:

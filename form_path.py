@@ -3,7 +3,9 @@
     python form_path.py --opt configs/x.yaml [Section.key=value ...]
         initial Gaussians -> <run>/init_points3d.ply; N renders from the training camera distribution, encoded once;
         a LoRA on the prior fitted to them -> <run>/path_lora/ (+ path_lora/checkpoints/step_K: s^(1..n) of Eq. 7),
-        and a report of the denoising loss of the prior vs the LoRA on those renders (path_lora/denoising_loss.png).
+        each in diffusers' LoRA format and in lora_diffusion's (lora_diffusion.safetensors, for stock LucidDreamer's
+        LoRA_path), and a report of the denoising loss of the prior vs the LoRA on those renders
+        (path_lora/denoising_loss.png).
     python form_path.py --opt configs/x.yaml --images DIR --prompt TEXT [--out FOLDER]
         the prior-finetune LoRA of paper Fig. 7 on a folder of images (PTDParams.prior_epochs), loadable as
         GuidanceParams.prior_lora in both stages.
@@ -65,7 +67,8 @@ def fit_and_save(cfg: Config, guidance, latents, embeddings, out_dir: Path, epoc
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     def on_checkpoint(step: int, state: dict) -> None:
-        save_lora(ckpt_dir / f"step_{step:06d}", unet, PATH_ADAPTER, {**metadata, "step": step}, state_dict=state)
+        save_lora(ckpt_dir / f"step_{step:06d}", unet, PATH_ADAPTER, {**metadata, "step": step}, state_dict=state,
+                  lora_diffusion=True)  # also stock LucidDreamer's layout
 
     total = epochs * math.ceil(latents.shape[0] / p.lora_batch_size)
     chunk = p.checkpoint_interval if p.checkpoint_interval > 0 else total
@@ -82,7 +85,7 @@ def fit_and_save(cfg: Config, guidance, latents, embeddings, out_dir: Path, epoc
             torch.save({"key": key, "lora": lora_state_dict(unet, PATH_ADAPTER), "fit": fit_state,
                         "losses": losses}, tmp)
     meta = {**metadata, "steps": step, "epochs": epochs, "losses": losses}
-    save_lora(out_dir, unet, PATH_ADAPTER, meta)
+    save_lora(out_dir, unet, PATH_ADAPTER, meta, lora_diffusion=True)  # + lora_diffusion.safetensors for stock
     if ckpt_dir.is_dir():
         shutil.move(str(ckpt_dir), str(out_dir / "checkpoints"))
     state_path.unlink(missing_ok=True)

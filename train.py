@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from guidance import lora_merge
 from guidance.lora_training import read_lora_state_dict
 from guidance.ptd_utils import PathTracer
 from guidance.sd_utils import StableDiffusionGuidance
-from scene import GaussianModel, OrbitCameraSampler, orbit_camera, video_cameras
-from stages.run import (PATH_ADAPTER, background, check_path_metadata, configure_torch, initial_gaussians,
-                        load_path_lora, make_guidance, make_sampler, path_lora_dir, run_entry, scene_extent, validate)
+from scene import GaussianModel, OrbitCameraSampler, circle_cameras
+from stages.run import (DONE_MARKER, PATH_ADAPTER, background, check_path_metadata, configure_torch, final_ply_path,
+                        initial_gaussians, load_path_lora, make_guidance, make_sampler, mark_finished, path_lora_dir,
+                        run_entry, scene_extent, validate)
 from utils.device import resolve_device
 from utils.files import atomic_path
 from utils.image_io import save_png, to_uint8, write_video
@@ -43,7 +45,7 @@ MAX_SCREEN_SIZE = 20
 # SH degree goes up every this many iterations (stock)
 SH_UP_INTERVAL = 500
 CHECKPOINT_DIR = "checkpoints"
-STAGE2_OUTPUTS = ("point_cloud", "videos", "test_six_views", CHECKPOINT_DIR)
+STAGE2_OUTPUTS = ("point_cloud", "videos", "test_six_views", CHECKPOINT_DIR, DONE_MARKER)
 
 
 @dataclass
@@ -69,14 +71,30 @@ def make_tracer(cfg: Config, guidance) -> PathTracer | None:
     load_path_lora(cfg, guidance)
     checkpoints = []
     if p.mode == "checkpoints":
-        folder = path_lora_dir(cfg)
-        steps = sorted((folder / "checkpoints").glob("step_*"))
-        if not steps:
-            raise RunError(f"PTDParams.mode=checkpoints needs {folder}/checkpoints/step_*; rerun form_path.py")
-        checkpoints = [read_lora_state_dict(s) for s in steps]
+        checkpoints = [read_lora_state_dict(s) for s in path_checkpoints(cfg)]
     return lora_merge.make_tracer(p.mode, guidance.unet, merge=p.merge_lora, total_steps=p.total_steps,
                                   power=p.power, adapter_name=PATH_ADAPTER, checkpoints=checkpoints,
                                   switch_interval=p.switch_interval)
+
+
+def path_checkpoints(cfg: Config) -> list[Path]:
+    """The stage-1 checkpoint folders Eq. 7 traces, in the order stage 1 saved them: s^(1) .. s^(n-1) (the paper's
+    path starts at the penultimate s^(n-1); s^(n) is the final path LoRA) or, with checkpoints_from=last, .. s^(n).
+    Warns when the path is longer than total_steps (its first checkpoints would never be used)."""
+    p, folder = cfg.PTDParams, path_lora_dir(cfg)
+    steps = sorted((folder / "checkpoints").glob("step_*"))
+    if p.checkpoints_from == "penultimate":
+        steps = steps[:-1]
+    if not steps:
+        raise RunError(f"PTDParams.mode=checkpoints needs at least {2 if p.checkpoints_from == 'penultimate' else 1} "
+                       f"checkpoints in {folder}/checkpoints (checkpoints_from={p.checkpoints_from}); lower "
+                       f"PTDParams.checkpoint_interval and rerun form_path.py")
+    if len(steps) * p.switch_interval > p.total_steps:
+        used = -(-p.total_steps // p.switch_interval)
+        warnings.warn(f"PTDParams: {len(steps)} checkpoints x switch_interval {p.switch_interval} > total_steps "
+                      f"{p.total_steps}: s^(1) .. s^({len(steps) - used}) of the path are never traced; raise "
+                      f"total_steps or lower switch_interval", stacklevel=2)
+    return steps
 
 
 def render_batch(cfg: Config, views, gaussians, bg: torch.Tensor, gen: torch.Generator) -> dict:
@@ -85,11 +103,14 @@ def render_batch(cfg: Config, views, gaussians, bg: torch.Tensor, gen: torch.Gen
     m = cfg.ModelParams
     images, disps, scales, pkgs = [], [], [], []
     for view in views:
-        u = torch.rand(3, generator=gen)
-        view_bg = torch.rand(3, generator=gen).to(bg) if u[0] < m.bg_aug_ratio else bg
+        u = torch.rand(4, generator=gen)  # background swap, SH-degree drop, scale noise, colour or black
+        view_bg = bg
+        if u[0] < m.bg_aug_ratio:  # stock: a random colour or black, each with probability 1/2
+            view_bg = torch.rand(3, generator=gen).to(bg) if u[3] < 0.5 else torch.zeros_like(bg)
         sh_degree = 0 if u[1] < m.sh_deg_aug_ratio else None
         pkg = render(view, gaussians, view_bg, backend=cfg.PipelineParams.backend, sh_degree=sh_degree,
-                     scale_noise=bool(u[2] < m.scale_aug_ratio), generator=gen)
+                     scale_noise=bool(u[2] < m.scale_aug_ratio), generator=gen,
+                     depth_grad=cfg.PipelineParams.depth_grad)
         images.append(pkg["render"])
         disps.append(disparity(pkg["depth"], pkg["alpha"], view.focal_normalized))
         scales.append(pkg["scales"])
@@ -143,12 +164,18 @@ def train_step(cfg: Config, iteration: int, state: TrainState) -> dict:
     loss_scale = scale_loss(batch["scales"])
     loss = out["loss"] + o.lambda_tv * loss_tv + o.lambda_scale * loss_scale
     loss.backward()
-    finite = is_finite_step(loss, gaussians.optimizer)
-    if finite:  # NaN guard: a non-finite loss or gradient skips the whole update (densification included)
+    # NaN guard: a non-finite guidance gradient (before its cleaning), loss or parameter gradient skips the whole
+    # update (densification included)
+    finite = out["finite"] and is_finite_step(loss, gaussians.optimizer)
+    if finite:
         densify(cfg, iteration, gaussians, batch["pkgs"], gen)
         if iteration < o.iterations:  # stock applies no optimiser step at the last iteration
             gaussians.optimizer.step()
     gaussians.optimizer.zero_grad(set_to_none=True)
+    if not gaussians.all_finite():
+        raise RunError(f"the Gaussians' parameters became non-finite at iteration {iteration} (a finite but huge "
+                       f"update); the last good checkpoint is kept in {run_dir(cfg) / CHECKPOINT_DIR}: lower the "
+                       f"learning rates or lambda_guidance, then --resume")
     logs = {"loss/ism_mse": out["mse"].item(), "loss/tv": loss_tv.item(), "loss/scale": loss_scale.item(),
             "guidance/t_index": out["t_index"], "guidance/s_index": out["s_index"],
             "guidance/as_latent": float(as_latent), "scene/total_points": gaussians.num_points,
@@ -159,37 +186,44 @@ def train_step(cfg: Config, iteration: int, state: TrainState) -> dict:
 
 
 def test_iterations(cfg: Config) -> set[int]:
+    """Stock's test iterations: 1, k * iterations // test_ratio for k = 1 .. test_ratio - 1, and the last."""
     o = cfg.OptimizationParams
-    its = {1, o.iterations}
-    if o.test_interval > 0:
-        its.update(range(o.test_interval, o.iterations + 1, o.test_interval))
-    return its
+    return {1, o.iterations, *(k * o.iterations // o.test_ratio for k in range(1, o.test_ratio))}
+
+
+@torch.no_grad()
+def view_images(cfg: Config, cam, gaussians, bg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A test render [3, H, W] and stock's depth picture of it [1, H, W]: the normalised disparity (the "depth" of
+    stock's render, `gaussian_renderer.disparity`) divided by its maximum."""
+    pkg = render(cam, gaussians, bg, backend=cfg.PipelineParams.backend)
+    disp = disparity(pkg["depth"], pkg["alpha"], cam.focal_normalized)
+    return pkg["render"], disp / disp.max().clamp(min=1e-8)
 
 
 @torch.no_grad()
 def save_test_views(cfg: Config, gaussians, iteration: int, device: torch.device) -> None:
-    """Six test views (default radius, fov, polar; azimuths 60 degrees apart) and their normalised depth."""
-    c = cfg.GenerateCamParams
-    folder = run_dir(cfg) / "test_six_views" / f"{iteration}_iteration"
+    """Stock's test views (8 azimuths at the default polar and, with render_45, 8 at 2/3 of it: 16) and their depth
+    pictures, as render_view_<uid>.png and render_depth_<uid>.png."""
+    folder = run_dir(cfg) / "test_six_views" / f"{iteration}_iteration"  # stock's folder name (it holds 16)
     bg = background(cfg, device)
-    for k in range(6):
-        cam = orbit_camera(c.default_radius, c.default_polar, c.default_azimuth + 60 * k - 180, c.default_fovy,
-                           c.image_w, c.image_h, device=device)
-        pkg = render(cam, gaussians, bg, backend=cfg.PipelineParams.backend)
-        save_png(pkg["render"], folder / f"render_view_{k}.png")
-        save_png(pkg["depth"] / pkg["depth"].max().clamp(min=1e-8), folder / f"render_depth_{k}.png")
+    for cam in circle_cameras(cfg.GenerateCamParams, 8, cfg.GenerateCamParams.render_45, device=device):
+        image, depth = view_images(cfg, cam, gaussians, bg)
+        save_png(image, folder / f"render_view_{cam.uid}.png")
+        save_png(depth, folder / f"render_depth_{cam.uid}.png")
 
 
 @torch.no_grad()
 def save_video(cfg: Config, gaussians, iteration: int, device: torch.device) -> Path:
-    """360-degree RGB and depth videos around the default orbit."""
+    """Stock's 360-degree RGB and depth videos: video_frames views around the default polar, then (render_45) as many
+    around 2/3 of it, one after the other in each file."""
     folder = run_dir(cfg) / "videos" / f"{iteration}_iteration"
     bg = background(cfg, device)
+    c = cfg.GenerateCamParams
     rgb, depth = [], []
-    for cam in video_cameras(cfg.GenerateCamParams, cfg.OptimizationParams.video_frames, device=device):
-        pkg = render(cam, gaussians, bg, backend=cfg.PipelineParams.backend)
-        rgb.append(to_uint8(pkg["render"]))
-        depth.append(to_uint8(pkg["depth"] / pkg["depth"].max().clamp(min=1e-8)))
+    for cam in circle_cameras(c, cfg.OptimizationParams.video_frames, c.render_45, device=device):
+        image, depth_picture = view_images(cfg, cam, gaussians, bg)
+        rgb.append(to_uint8(image))
+        depth.append(to_uint8(depth_picture))
     fps = cfg.OptimizationParams.video_fps
     write_video(rgb, folder / f"video_rgb_{iteration}.mp4", fps)
     write_video(depth, folder / f"video_depth_{iteration}.mp4", fps)
@@ -252,7 +286,7 @@ def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> None:
                        f"--overwrite to start again")
     if overwrite and not resume:
         for path in existing:
-            shutil.rmtree(path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -282,12 +316,12 @@ def write_outputs(cfg: Config, state: TrainState, iteration: int, device: torch.
     """Test views, PLY and videos due at this iteration (each written atomically)."""
     o = cfg.OptimizationParams
     with torch.no_grad():
-        if iteration in state.tests:
+        if iteration in state.tests:  # stock: test views and videos at the test iterations
             save_test_views(cfg, state.gaussians, iteration, device)
-        if iteration in set(o.save_iterations) | {o.iterations}:
-            save_point_cloud(cfg, state.gaussians, iteration)
             if cfg.save_video:
                 save_video(cfg, state.gaussians, iteration, device)
+        if iteration in set(o.save_iterations) | {o.iterations}:
+            save_point_cloud(cfg, state.gaussians, iteration)
 
 
 def run_loop(cfg: Config, state: TrainState, start: int, device: torch.device, writer) -> None:
@@ -339,6 +373,7 @@ def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
     state = setup(cfg, device)
     start = restore(cfg, state) + 1 if resume else 1
     state.monitor = TrainingMonitor.create(cfg, state.guidance, device, start=start)  # off unless metrics_interval > 0
+    (run_dir(cfg) / DONE_MARKER).unlink(missing_ok=True)  # a resumed run is unfinished until it ends again
     save_config(cfg, run_dir(cfg) / "config.yaml")
     writer = SummaryWriter(str(run_dir(cfg)))
     try:
@@ -348,7 +383,8 @@ def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
                        f"--resume") from None
     finally:
         writer.close()
-    return run_dir(cfg) / "point_cloud" / f"iteration_{cfg.OptimizationParams.iterations}" / "point_cloud.ply"
+    mark_finished(cfg)
+    return final_ply_path(cfg)
 
 
 def cli(argv=None) -> int:

@@ -23,7 +23,7 @@ class ModelParams:
     white_background: bool = True
     # probability of rendering a training view at SH degree 0
     sh_deg_aug_ratio: float = 0.1
-    # probability of swapping the background of a training view for a random colour
+    # probability of swapping the background of a training view (for a random colour or black, 1/2 each: stock)
     bg_aug_ratio: float = 0.5
     # probability of the render-time scale noise (s + N(0,1) sqrt(0.2) s / 4)
     scale_aug_ratio: float = 1.0
@@ -33,6 +33,9 @@ class ModelParams:
 class PipelineParams:
     # rasterizer: auto (inria, else gsplat, else torch, by what imports and where the tensors live) | torch | gsplat | inria
     backend: str = "auto"
+    # how the depth image's gradient reaches the Gaussians: alpha (stock: LucidDreamer's rasteriser fork holds each
+    # Gaussian's z constant) | full (also through z; torch and gsplat backends)
+    depth_grad: str = "alpha"
 
 
 @dataclass
@@ -89,10 +92,11 @@ class OptimizationParams:
     densify_stats: str = "last"
     # iterations at which the PLY is saved (the last iteration always is)
     save_iterations: List[int] = field(default_factory=lambda: [2500, 5000])
-    # render the six test views every this many iterations (0: only at the end)
-    test_interval: int = 500
-    # frames of the 360-degree video (stock: 240 at 30 fps)
-    video_frames: int = 240
+    # test views (and videos) at iteration 1, k * iterations // test_ratio (k = 1 .. test_ratio - 1) and the last:
+    # stock's --test_ratio
+    test_ratio: int = 5
+    # frames of each 360-degree video orbit (stock: 120 at the default polar + 120 at 2/3 of it with render_45)
+    video_frames: int = 120
     # frames per second of the videos
     video_fps: int = 30
     # write a resumable checkpoint every this many iterations (0: never)
@@ -107,8 +111,12 @@ class GuidanceParams:
     model_key: str = "stabilityai/stable-diffusion-2-1-base"
     # run the UNet/VAE in fp16 (CUDA only; ignored on CPU)
     fp16: bool = True
-    # optional LoRA folder (diffusers format) fused into the prior, e.g. the prior-finetune LoRA of form_path.py --images
+    # optional LoRA folder (diffusers format) fused into the prior, e.g. the prior-finetune LoRA of
+    # form_path.py --images
     prior_lora: Optional[str] = None
+    # stock's LoRA_path: a lora_diffusion .safetensors file (e.g. path_lora/lora_diffusion.safetensors) fused into
+    # the prior at scale 1.0 as stock's patch_pipe loads it: UNet and text-encoder LoRA, textual-inversion tokens
+    LoRA_path: Optional[str] = None
     # the prompt
     text: str = ""
     # negative prompt: the unconditional branch of CFG
@@ -195,6 +203,8 @@ class GenerateCamParams:
     default_azimuth: float = 0
     # field of view of test views and videos (radians)
     default_fovy: float = 0.55
+    # test views and videos also at 2/3 of the default polar angle (60 degrees for 90: stock)
+    render_45: bool = True
     # jitter camera centre, target and up vector
     jitter_pose: bool = True
     # std of the camera-centre jitter
@@ -203,6 +213,9 @@ class GenerateCamParams:
     jitter_target: float = 0.05
     # std of the up-vector jitter
     jitter_up: float = 0.01
+    # jittered views: stock (LucidDreamer's matrices: the camera centre moves off the sampled eye and the rotation is
+    # slightly non-orthonormal, see scene.cameras.stock_w2c) | exact (orthonormal look-at from the jittered eye)
+    pose_convention: str = "stock"
 
 
 @dataclass
@@ -231,6 +244,8 @@ class PTDParams:
     checkpoint_interval: int = 100
     # checkpoints mode: switch to the previous checkpoint every this many iterations
     switch_interval: int = 200
+    # checkpoints mode: trace from s^(n-1) (penultimate: paper §4.3, "s^(n-1), s^(n-2), ..., s^(0)") or from s^(n)
+    checkpoints_from: str = "penultimate"
     # path LoRA folder (default: <output_root>/<workspace>/path_lora)
     path_lora: Optional[str] = None
     # stage 2: fold w * LoRA into the attention weights at each weight change instead of running peft's low-rank
@@ -250,6 +265,12 @@ class EvalParams:
     probe_num_views: int = 4
     # timestep indices of the matching loss, each its own bin (default: centres of 10 equal bins, i.e. t ~ U[0, 1000))
     probe_timesteps: List[int] = field(default_factory=lambda: list(range(50, 1000, 100)))
+    # the scored render's own x_0 joins the STF reference set of its x_t (Xu et al.'s Stable Target Field); false:
+    # references only (App. G's Eq. 11 as written). Monitor and evaluate.py --matching-loss; probe_ood.py shows both
+    probe_include_self: bool = False
+    # references sampled from: prior (every LoRA at 0) | current (the guidance network as the iteration left it,
+    # prior + w LoRA in PTD, App. H; re-sampled at each record whose network differs)
+    probe_refs: str = "prior"
     # open_clip model of the CLIP snapshot: e.g. ViT-L-14, "tiny" (offline toy CLIP, random weights) or "none" (off)
     clip_model: str = "ViT-L-14"
     # its pretrained tag (e.g. openai) or a local weights file; "none" for random weights
@@ -294,8 +315,8 @@ STOCK_UNUSED = {
                            "progressive_view_init_ratio"},
     "GuidanceParams": {"guidance", "g_device", "is_safe_tensor", "base_model_key", "controlnet_model_key", "vram_O",
                        "hf_key", "scheduler_type", "num_train_timesteps", "fix_noise", "ddim_inv",
-                       "textual_inversion_path", "LoRA_path", "controlnet_ratio", "vis_interval"},
-    "GenerateCamParams": {"use_pointe_rgb", "angle_overhead", "angle_front", "render_45", "uniform_sphere_rate",
+                       "textual_inversion_path", "controlnet_ratio", "vis_interval"},
+    "GenerateCamParams": {"use_pointe_rgb", "angle_overhead", "angle_front", "uniform_sphere_rate",
                           "SSAA", "device"},
     "PTDParams": set(),
     "EvalParams": set(),
@@ -304,5 +325,6 @@ STOCK_UNUSED = {
 # Keys this project once wrote into run configs and no longer has: an older run's config.yaml still loads (evaluate,
 # --resume), with a one-line warning naming why the key went.
 RETIRED = {
-    "OptimizationParams": {"background_lr": "the never-rendered background colour is no longer a parameter"},
+    "OptimizationParams": {"background_lr": "the never-rendered background colour is no longer a parameter",
+                           "test_interval": "test views follow stock's OptimizationParams.test_ratio"},
 }

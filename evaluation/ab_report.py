@@ -8,6 +8,7 @@ from pathlib import Path
 from arguments import RunError, load_config
 from evaluation.monitor import METRICS_FILE, read_metrics
 from evaluation.plots import plot_ab
+from stages.run import finished_ply
 from utils.files import write_json_atomic, write_text_atomic
 
 # paper Table 1 (CLIP similarity on the 415 DreamFusion prompts; baselines sourced from GaussianDreamer):
@@ -24,10 +25,14 @@ def load_arm(run: Path, label: str) -> dict:
     records = sorted(read_metrics(path), key=lambda r: r["iteration"])
     if not records:
         raise RunError(f"{path} holds no records; the run stopped before its first metrics record")
-    prompt = None
-    if (Path(run) / "config.yaml").is_file():
-        prompt = load_config(Path(run) / "config.yaml").GuidanceParams.text
-    return {"label": label, "run": str(run), "prompt": prompt, "mode": records[-1].get("mode"), "records": records}
+    if not (Path(run) / "config.yaml").is_file():
+        raise RunError(f"run '{run}' has no config.yaml; pass run folders written by train.py")
+    cfg = load_config(Path(run) / "config.yaml")
+    if finished_ply(Path(run), cfg) is None:
+        raise RunError(f"run '{run}' is unfinished (last metrics record at iteration {records[-1]['iteration']} of "
+                       f"{cfg.OptimizationParams.iterations}); finish it with train.py --resume before an A/B")
+    return {"label": label, "run": str(run), "prompt": cfg.GuidanceParams.text, "mode": records[-1].get("mode"),
+            "records": records, "iterations": cfg.OptimizationParams.iterations}
 
 
 def final_numbers(arm: dict) -> dict:
@@ -69,6 +74,9 @@ def ab_markdown(arms: list[dict], finals: list[dict], protocol: dict | None = No
 def write_ab_report(vanilla: Path, ptd: Path, out: Path, protocol: dict | None = None) -> dict:
     """Writes <out>/ab_report.{png,md,json}; returns the JSON content. `protocol`: label -> {model: score}."""
     arms = [load_arm(Path(vanilla), "vanilla"), load_arm(Path(ptd), "PTD")]
+    if arms[0]["iterations"] != arms[1]["iterations"]:
+        raise RunError(f"the arms ran different numbers of iterations ({arms[0]['iterations']} vs "
+                       f"{arms[1]['iterations']}); an A/B compares runs of the same length")
     finals = [final_numbers(a) for a in arms]
     out = Path(out)
     plot_ab(arms, out / "ab_report.png")

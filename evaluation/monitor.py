@@ -8,10 +8,14 @@ Each record is one JSON line appended to <run>/metrics.jsonl (written in one cal
 scalars under metrics/. What is measured:
 - matching loss (Eq. 5, as probe_ood.py: eps space, per-sample RMS, EvalParams.probe_timesteps, plain prompt, no CFG)
   of `probe_num_views` fixed views of the current Gaussians (drawn once from the training camera distribution, the
-  probe's camera stream), against the STF estimate of `probe_num_refs` samples of the PRETRAINED prior (LoRA at 0;
-  shared cache <run>/probe/refs_<hash>.pt). The network is the guidance's as the iteration left it: PTD's tracer set
-  the path LoRA to w(iter) before the iteration's UNet calls, so PTD measures prior + w LoRA and vanilla the prior
-  (App. H); `ptd_weight` is only recorded.
+  probe's camera stream), against the STF estimate of `probe_num_refs` reference samples, with each render's own
+  x_0 in its reference set when EvalParams.probe_include_self (Xu et al.'s STF; default: references only, Eq. 11).
+  The network is the guidance's as the iteration left it: PTD's tracer set the path LoRA to w(iter) before the
+  iteration's UNet calls, so PTD measures prior + w LoRA and vanilla the prior (App. H); `ptd_weight` is only
+  recorded. References (EvalParams.probe_refs): "prior" = samples of the PRETRAINED prior (LoRA at 0), drawn once
+  (shared cache <run>/probe/refs_<hash>.pt); "current" = samples of that same network, re-drawn at each record
+  whose network differs (same seed; memoised by `evaluation.ood.network_fingerprint`: at w = 0 and in vanilla they
+  are the prior's, file included).
 - CLIP: the mean over the evaluation rig (2 x clip_azimuths views at clip_resolution) of 100 x cosine with the prompt,
   with EvalParams.clip_model ("none": skipped; "tiny": the toy offline scorer).
 The measurement leaves the training trajectory alone: it uses its own seeded generators, no augmentation, no
@@ -27,7 +31,7 @@ import torch
 
 from arguments import Config, run_dir
 from evaluation.clip import load_scorer, model_label, rig_images
-from evaluation.ood import matching_loss_summary, probe_inputs
+from evaluation.ood import matching_loss_summary, probe_inputs, probe_views, reading_name, reference_latents
 from stages.run import background
 from utils.files import write_text_atomic
 from utils.rng import preserved_rng
@@ -66,8 +70,10 @@ class TrainingMonitor:
     def __init__(self, cfg: Config | None = None, path: Path | None = None, iterations: set[int] = frozenset(),
                  refs: torch.Tensor | None = None, views: list = (), scorer: tuple | None = None,
                  bg: torch.Tensor | None = None) -> None:
+        """refs None (EvalParams.probe_refs "current"): sampled from the guidance's network at each record."""
         self.cfg, self.path, self.iterations = cfg, path, set(iterations)
         self.refs, self.views, self.scorer, self.bg = refs, list(views), scorer, bg
+        self.memo: dict = {}  # "current" references of recent non-prior networks
 
     @classmethod
     def create(cls, cfg: Config, guidance, device: torch.device, start: int = 1) -> "TrainingMonitor":
@@ -84,7 +90,10 @@ class TrainingMonitor:
             if e.clip_model.lower() != "none":  # first: missing weights fail before anything is sampled
                 pretrained = None if e.clip_pretrained.lower() in ("", "none") else e.clip_pretrained
                 scorer = (model_label(e.clip_model, pretrained), load_scorer(e.clip_model, pretrained, device))
-            refs, views = probe_inputs(cfg, guidance, device)
+            if e.probe_refs == "prior":
+                refs, views = probe_inputs(cfg, guidance, device)
+            else:  # "current": the network of each record, which the tracer has not set yet
+                refs, views = None, probe_views(cfg, device)
         reset_metrics_file(path, start)
         return cls(cfg, path, iterations, refs, views, scorer, background(cfg, device))
 
@@ -111,7 +120,10 @@ class TrainingMonitor:
     def measure(self, iteration: int, gaussians, guidance, ptd_weight: float | None) -> dict:
         cfg = self.cfg
         e = cfg.EvalParams
-        summary = matching_loss_summary(cfg, guidance, gaussians, self.refs, self.views, self.bg)
+        refs = self.refs
+        if refs is None:  # the guidance network as this iteration left it (prior + w LoRA in PTD)
+            refs = reference_latents(cfg, guidance, memo=self.memo, persist_current=False)
+        summary = matching_loss_summary(cfg, guidance, gaussians, refs, self.views, self.bg)
         clip = {}
         if self.scorer is not None:
             label, scorer = self.scorer
@@ -119,5 +131,7 @@ class TrainingMonitor:
             clip[label] = scorer.similarity(rig, cfg.GuidanceParams.text).double().mean().item()
         return {"iteration": int(iteration), "mode": cfg.PTDParams.mode, "ptd_weight": ptd_weight,
                 "matching_loss": summary["overall"]["mean"], "matching_loss_std": summary["overall"]["std"],
-                "matching_loss_by_t": {str(r["t"]): r["mean"] for r in summary["by_t"]}, "clip": clip,
+                "matching_loss_by_t": {str(r["t"]): r["mean"] for r in summary["by_t"]},
+                "matching_loss_reading": reading_name(e.probe_include_self), "matching_loss_refs": e.probe_refs,
+                "clip": clip,
                 "clip_views": 2 * e.clip_azimuths if clip else 0, "num_points": int(gaussians.num_points)}

@@ -40,7 +40,8 @@ def plot_denoising_report(report: dict, path: Path, title: str) -> None:
 
 
 def plot_matching_loss(report: dict, path: Path) -> None:
-    """The OOD probe: matching loss (Eq. 5) of renders and of generated images per timestep, mean +- std."""
+    """The OOD probe: matching loss (Eq. 5) of renders and of generated images per timestep, mean +- std, in the
+    reading the report's `rows` hold (EvalParams.probe_include_self)."""
     with figure(path, figsize=(5.5, 3.8)) as (_, ax):
         for name, color in (("rendered", "tab:red"), ("generated", "tab:blue")):
             row = report["rows"][name]["by_t"]
@@ -51,7 +52,8 @@ def plot_matching_loss(report: dict, path: Path) -> None:
             ax.plot(t, mean, "o-", color=color, label=f"{name} (overall {overall:.3f})")
             ax.fill_between(t, mean - std, mean + std, color=color, alpha=0.2)
         ax.set_xlabel("timestep t")
-        ax.set_ylabel("matching loss (eps space, RMS)")
+        norm = "RMS" if report.get("normalize", True) else "L2"
+        ax.set_ylabel(f"matching loss ({report.get('space', 'eps')} space, {norm})")
         ax.set_title(f"{report['prompt'][:50]} [{report['network']}]", fontsize=9)
         ax.legend()
 

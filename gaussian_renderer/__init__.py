@@ -60,7 +60,8 @@ def noisy_scales(scales: torch.Tensor, generator: Optional[torch.Generator] = No
 
 def render(camera, gaussians, bg_color: torch.Tensor, *, backend: str = "auto", scaling_modifier: float = 1.0,
            override_color: Optional[torch.Tensor] = None, sh_degree: Optional[int] = None,
-           scale_noise: bool = False, generator: Optional[torch.Generator] = None, tile_size: int = 8) -> dict:
+           scale_noise: bool = False, generator: Optional[torch.Generator] = None, tile_size: int = 8,
+           depth_grad: str = "alpha") -> dict:
     """Render `gaussians` (a GaussianModel, or any object with get_xyz, get_features, get_opacity, get_scaling,
     get_rotation, active_sh_degree) from `camera` (scene.cameras.Camera) over bg_color [3].
 
@@ -73,6 +74,8 @@ def render(camera, gaussians, bg_color: torch.Tensor, *, backend: str = "auto", 
         generator: torch.Generator of the scale noise (reproducible runs).
         tile_size: tile edge in pixels of the torch backend. Any size gives the same image; 8 (not 3DGS's 16) is
             2-3x faster on CPU because less of each tile falls outside a Gaussian's screen box.
+        depth_grad: "alpha" (LucidDreamer's fork, the default): the depth image's gradient reaches the Gaussians only
+            through their alpha, each z_i held constant; "full": also through z_i (torch and gsplat only).
     Returns:
         dict, see the module docstring.
     """
@@ -86,7 +89,7 @@ def render(camera, gaussians, bg_color: torch.Tensor, *, backend: str = "auto", 
         scales = noisy_scales(scales, generator)
     args = dict(camera=camera, means=means, features=gaussians.get_features, opacities=gaussians.get_opacity[:, 0],
                 scales=scales, rotations=gaussians.get_rotation, bg_color=bg_color.to(means), sh_degree=degree,
-                scaling_modifier=scaling_modifier, override_color=override_color)
+                scaling_modifier=scaling_modifier, override_color=override_color, depth_grad=depth_grad)
     if name == "torch":
         from gaussian_renderer.torch_backend import render_torch
         out = render_torch(**args, tile_size=tile_size)

@@ -11,12 +11,13 @@ from typing import Optional
 import torch
 
 from gaussian_renderer.projection import covariance_3d, gaussian_colors, project_gaussians
-from gaussian_renderer.torch_backend import ALPHA_MAX, ALPHA_MIN, T_MIN
+from gaussian_renderer.torch_backend import ALPHA_MAX, ALPHA_MIN, T_MIN, depth_feature
 
 
 def render_dense(camera, means: torch.Tensor, features: Optional[torch.Tensor], opacities: torch.Tensor,
                  scales: torch.Tensor, rotations: torch.Tensor, bg_color: torch.Tensor, sh_degree: int,
-                 scaling_modifier: float = 1.0, override_color: Optional[torch.Tensor] = None) -> dict:
+                 scaling_modifier: float = 1.0, override_color: Optional[torch.Tensor] = None,
+                 depth_grad: str = "alpha") -> dict:
     """Same inputs and outputs as torch_backend.render_torch."""
     width, height = int(camera.image_width), int(camera.image_height)
     viewspace = torch.zeros_like(means, requires_grad=True)
@@ -41,7 +42,7 @@ def render_dense(camera, means: torch.Tensor, features: Optional[torch.Tensor], 
     weight = alpha * trans[:, :-1] * keep  # [HW, M]
     t_final = torch.prod(torch.where(keep, 1.0 - alpha, torch.ones_like(alpha)), dim=1)  # [HW]
     rgb = weight @ colors[order] + t_final[:, None] * bg_color.to(means)[None, :]  # [HW, 3]
-    depth = weight @ proj.depths[order]  # [HW]
+    depth = weight @ depth_feature(proj.depths, depth_grad)[order]  # [HW]
     return {"render": rgb.T.reshape(3, height, width), "depth": depth.reshape(1, height, width),
             "alpha": (1.0 - t_final).reshape(1, height, width), "radii": proj.radii,
             "viewspace_points": viewspace, "visibility_filter": proj.visible}

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 
 from gaussian_renderer.errors import BackendUnavailableError
+from gaussian_renderer.projection import gaussian_colors
+from gaussian_renderer.torch_backend import DEPTH_GRADS
 
 
 def _intrinsics(camera, like: torch.Tensor) -> torch.Tensor:
@@ -38,8 +40,11 @@ def _fill_viewspace_grad(means2d: torch.Tensor, viewspace: torch.Tensor, width: 
 
 def render_gsplat(camera, means: torch.Tensor, features: Optional[torch.Tensor], opacities: torch.Tensor,
                   scales: torch.Tensor, rotations: torch.Tensor, bg_color: torch.Tensor, sh_degree: int,
-                  scaling_modifier: float = 1.0, override_color: Optional[torch.Tensor] = None) -> dict:
-    """Same inputs and outputs as torch_backend.render_torch (CUDA tensors)."""
+                  scaling_modifier: float = 1.0, override_color: Optional[torch.Tensor] = None,
+                  depth_grad: str = "alpha") -> dict:
+    """Same inputs and outputs as torch_backend.render_torch (CUDA tensors). depth_grad "full" is gsplat's own
+    RGB+D mode; "alpha" renders z as a fourth colour channel held constant (detached), so that the depth image's
+    gradient reaches the Gaussians only through their alpha, as in LucidDreamer's fork."""
     try:
         from gsplat import rasterization
     except ImportError as err:
@@ -48,15 +53,23 @@ def render_gsplat(camera, means: torch.Tensor, features: Optional[torch.Tensor],
     width, height = int(camera.image_width), int(camera.image_height)
     viewspace = torch.zeros_like(means, requires_grad=True)  # [N, 3]
     viewmat = camera.world_view_transform.to(means).T  # [4, 4] world -> camera
+    backgrounds, mode = bg_color[None], "RGB+D"
     if override_color is not None:
         colors, degree = override_color.to(means), None  # [N, 3]
     else:
         colors, degree = features, sh_degree  # [N, K, 3]
+    if depth_grad not in DEPTH_GRADS:
+        raise ValueError(f"depth_grad '{depth_grad}' is not one of {', '.join(DEPTH_GRADS)}")
+    if depth_grad == "alpha":  # z as a constant fourth colour channel
+        z = (means @ viewmat[2, :3] + viewmat[2, 3]).detach()  # [N] view-space depth
+        rgb = colors if degree is None else gaussian_colors(camera, means, features, sh_degree)
+        colors, degree, mode = torch.cat([rgb, z[:, None]], dim=1), None, "RGB"  # [N, 4]
+        backgrounds = torch.cat([bg_color, bg_color.new_zeros(1)])[None]
     rgbd, alphas, meta = rasterization(
         means=means, quats=rotations, scales=scales * scaling_modifier, opacities=opacities, colors=colors,
         viewmats=viewmat[None], Ks=_intrinsics(camera, means)[None], width=width, height=height,
-        near_plane=0.2, eps2d=0.3, sh_degree=degree, packed=False, backgrounds=bg_color[None],
-        render_mode="RGB+D", rasterize_mode="classic")
+        near_plane=0.2, eps2d=0.3, sh_degree=degree, packed=False, backgrounds=backgrounds,
+        render_mode=mode, rasterize_mode="classic")
     radii = meta["radii"].reshape(means.shape[0], -1).max(dim=1).values.to(torch.int64)  # [N] ([C,N] or [C,N,2])
     if meta["means2d"].requires_grad:
         _fill_viewspace_grad(meta["means2d"], viewspace, width, height)

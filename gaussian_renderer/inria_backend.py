@@ -17,8 +17,13 @@ from gaussian_renderer.errors import BackendUnavailableError
 
 def render_inria(camera, means: torch.Tensor, features: Optional[torch.Tensor], opacities: torch.Tensor,
                  scales: torch.Tensor, rotations: torch.Tensor, bg_color: torch.Tensor, sh_degree: int,
-                 scaling_modifier: float = 1.0, override_color: Optional[torch.Tensor] = None) -> dict:
-    """Same inputs and outputs as torch_backend.render_torch (CUDA float32 tensors)."""
+                 scaling_modifier: float = 1.0, override_color: Optional[torch.Tensor] = None,
+                 depth_grad: str = "alpha") -> dict:
+    """Same inputs and outputs as torch_backend.render_torch (CUDA float32 tensors). The fork sends the depth
+    image's gradient through alpha only: depth_grad "full" is not available here."""
+    if depth_grad != "alpha":
+        raise BackendUnavailableError("backend 'inria' (LucidDreamer's fork) differentiates the depth image through "
+                                      "alpha only; use PipelineParams.depth_grad=alpha or backend torch/gsplat")
     try:
         from diff_gaussian_rasterization import GaussianRasterizationSettings, GaussianRasterizer
     except ImportError as err:

@@ -29,6 +29,7 @@ ALPHA_MIN = 1.0 / 255.0  # contributions below this are skipped
 T_MIN = 1e-4  # compositing stops before transmittance would fall below this
 FIRST_ROUND, MAX_ROUND = 16, 128  # Gaussians per tile in the first depth round; rounds double up to MAX_ROUND
 BIN_MARGIN = 0.01  # margin in the exponent of the opacity-aware binning box (1%, far above float rounding)
+DEPTH_GRADS = ("alpha", "full")  # how the depth image's gradient reaches the Gaussians (see depth_feature)
 
 
 def _bin(proj: Projected, opacities: torch.Tensor, tile: int, tiles_x: int, width: int, height: int
@@ -64,17 +65,20 @@ def _bin(proj: Projected, opacities: torch.Tensor, tile: int, tiles_x: int, widt
 
 
 def rasterize(proj: Projected, colors: torch.Tensor, opacities: torch.Tensor, bg_color: torch.Tensor,
-              width: int, height: int, tile: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              width: int, height: int, tile: int = 8, depth_grad: str = "alpha"
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tiled front-to-back compositing (module docstring).
 
     Args:
         proj: projected Gaussians (N); colors [N, 3]; opacities [N]; bg_color [3].
+        depth_grad: "alpha" (LucidDreamer's fork): the depth image's gradient reaches the Gaussians only through
+            their alpha (z_i held constant); "full": also through z_i.
     Returns:
         image [3, H, W], depth [1, H, W] (sum z a T), alpha [1, H, W] (1 - T_final).
     """
     tiles_x, tiles_y = -(-width // tile), -(-height // tile)
     n_tiles = tiles_x * tiles_y
-    feats = torch.cat([colors, proj.depths[:, None]], dim=1)  # [N, 4]
+    feats = torch.cat([colors, depth_feature(proj.depths, depth_grad)[:, None]], dim=1)  # [N, 4]
     gid, tile_id = _bin(proj, opacities, tile, tiles_x, width, height)
     # an empty slice keeps the outputs on the autograd graph when nothing is visible (backward still works)
     acc = torch.zeros(n_tiles, tile * tile, 5, dtype=colors.dtype, device=colors.device) + feats[:0].sum()
@@ -85,6 +89,14 @@ def rasterize(proj: Projected, colors: torch.Tensor, opacities: torch.Tensor, bg
     alpha = acc[4:5]
     image = acc[:3] + (1.0 - alpha) * bg_color.to(acc)[:, None, None]
     return image, acc[3:4], alpha
+
+
+def depth_feature(depths: torch.Tensor, depth_grad: str) -> torch.Tensor:
+    """The per-Gaussian z [N] composited into the depth image: detached for "alpha" (the fork's backward leaves the
+    per-Gaussian depth gradient out), as is for "full"."""
+    if depth_grad not in DEPTH_GRADS:
+        raise ValueError(f"depth_grad '{depth_grad}' is not one of {', '.join(DEPTH_GRADS)}")
+    return depths.detach() if depth_grad == "alpha" else depths
 
 
 def _composite_round(base: torch.Tensor, conic: torch.Tensor, opac: torch.Tensor, feats: torch.Tensor,
@@ -240,7 +252,7 @@ def _composite_rounds(proj: Projected, feats: torch.Tensor, opacities: torch.Ten
 def render_torch(camera, means: torch.Tensor, features: Optional[torch.Tensor], opacities: torch.Tensor,
                  scales: torch.Tensor, rotations: torch.Tensor, bg_color: torch.Tensor, sh_degree: int,
                  scaling_modifier: float = 1.0, override_color: Optional[torch.Tensor] = None,
-                 tile_size: int = 8) -> dict:
+                 tile_size: int = 8, depth_grad: str = "alpha") -> dict:
     """Render with the torch backend. Inputs are activated: means [N, 3], features [N, K, 3] SH coefficients,
     opacities [N], scales [N, 3], rotations [N, 4] (normalised here). Returns the render() dict (without `scales`)."""
     viewspace = torch.zeros_like(means, requires_grad=True)  # [N, 3]
@@ -248,6 +260,6 @@ def render_torch(camera, means: torch.Tensor, features: Optional[torch.Tensor], 
     proj = project_gaussians(means, cov3d, camera, viewspace)
     colors = gaussian_colors(camera, means, features, sh_degree, override_color)
     image, depth, alpha = rasterize(proj, colors, opacities, bg_color, int(camera.image_width),
-                                    int(camera.image_height), tile_size)
+                                    int(camera.image_height), tile_size, depth_grad)
     return {"render": image, "depth": depth, "alpha": alpha, "radii": proj.radii,
             "viewspace_points": viewspace, "visibility_filter": proj.visible}

@@ -224,7 +224,8 @@ def _json_default(obj):
 
 
 def save_lora(folder: str | os.PathLike, unet: torch.nn.Module, adapter_name: str = "ptd_path",
-              metadata: Mapping | None = None, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+              metadata: Mapping | None = None, state_dict: Mapping[str, torch.Tensor] | None = None,
+              lora_diffusion: bool = False) -> Path:
     """Write the adapter as a diffusers LoRA folder (with its peft config) plus `ptd_path.json`, atomically.
 
     Args:
@@ -232,6 +233,8 @@ def save_lora(folder: str | os.PathLike, unet: torch.nn.Module, adapter_name: st
             rank, lora_alpha, target modules and the adapter name are added.
         state_dict: weights to save in peft's layout (e.g. a checkpoint from `fit_lora`'s callback); default the
             adapter's current weights. The adapter config comes from `unet.peft_config[adapter_name]` either way.
+        lora_diffusion: also write the same weights in lora_diffusion's layout (`lora_diffusion.safetensors`, what
+            stock LucidDreamer's GuidanceParams.LoRA_path loads; guidance/lora_diffusion.py).
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -250,6 +253,9 @@ def save_lora(folder: str | os.PathLike, unet: torch.nn.Module, adapter_name: st
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(state), weight_name=WEIGHT_NAME,
             unet_lora_adapter_metadata=adapter)
         (tmp / METADATA_NAME).write_text(text)
+        if lora_diffusion:
+            from guidance.lora_diffusion import FILE_NAME, save_lora_diffusion
+            save_lora_diffusion(tmp / FILE_NAME, unet, adapter_name, state)
     return folder
 
 

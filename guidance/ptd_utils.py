@@ -1,5 +1,5 @@
 """Path-Tracing Distillation, stage 2 ("tracing the path"), in one file to copy into any fork: it imports only the
-standard library and torch, and finds peft's LoRA layers by duck typing (any diffusers UNet with a peft adapter).
+standard library and torch, and finds LoRA layers by duck typing: peft's and lora_diffusion's (stock LucidDreamer's).
 
 Paper: stage 1 fits the path LoRA (Eq. 6); iteration `iter` (1-based) of stage 2 scores every UNet call with
 s_pretrain + w * LoRA, C being the "LoRA load strategy" and T the number of tracing iterations:
@@ -8,18 +8,27 @@ s_pretrain + w * LoRA, C being the "LoRA load strategy" and T the number of trac
 
 Eq. 7 instead walks stage 1's checkpoints s^(n), ..., s^(1), s^(0) = prior in reverse, K iterations each.
 
-Use in another fork (`pipe`: the guidance's diffusers pipeline; `step`: the 1-based iteration):
+Use in another fork (`step`: the 1-based iteration; README.md, "Using the path LoRA in stock LucidDreamer and other
+forks", has the details). Current diffusers (>= 0.34) with peft, e.g. threestudio (`pipe`: the guidance's pipeline):
 
     from ptd_utils import PathTracer
-    pipe.load_lora_weights("outputs/run/path_lora", adapter_name="ptd_path")   # stage-1 output
+    pipe.load_lora_weights("output/<ws>/path_lora", adapter_name="ptd_path")   # stage-1 output, once
     tracer = PathTracer("weighted", total_steps=1000, power=0.3, adapter_name="ptd_path")
-    for step in range(1, max_steps + 1):                                       # your training loop
-        tracer.apply(pipe.unet, step)                                          # before the guidance's UNet calls
+    tracer.apply(pipe.unet, step)                        # every iteration, before the guidance's UNet calls
+
+Stock LucidDreamer (diffusers 0.18.2, torch 2.0.1, no peft): copy this file beside its train.py; in its config set
+`GuidanceParams.LoRA_path: output/<ws>/path_lora/lora_diffusion.safetensors` (its patch_pipe injects the LoRA); in its
+train.py add after `guidance, embeddings = guidance_setup(guidance_opt)` (line 162) the line
+    from ptd_utils import PathTracer; tracer = PathTracer("weighted", total_steps=1000, power=0.3); guidance.unet.eval()
+(the injected layers start in training mode: Dropout(0.1) on the LoRA branch) and right before the loop's line
+`warm_up_rate = 1. - min(iteration/opt.warmup_iter,1.)` (line 299) the line `tracer.apply(guidance.unet, iteration)`.
 
 Exactness (peft 0.21): `LoraLayer.set_scale(adapter, w)` sets scaling = w * lora_alpha / r (/ sqrt(r) with rsLoRA), the
 forward adds `lora_B(lora_A(x)) * scaling`: w = 1 is the LoRA as trained, the output affine in w. At w = 0 that sum is
 not the base bit for bit (-0.0 + 0.0 = +0.0; an fp16 product overflowing gives inf * 0 = NaN), so weight 0 also parks
 the adapter (out of each layer's active adapters): peft skips the branch, the output is the base network's bit for bit.
+A lora_diffusion layer (no adapter names: every adapter_name selects it) gets scale = w * its scale when first touched
+(stock: 1.0); at w = 0 an instance `forward` calls its wrapped layer alone. Eq. 7 on it needs your own `loader`.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ SetScale = Callable[[torch.nn.Module, float, str], None]
 Loader = Callable[[torch.nn.Module, Mapping[str, torch.Tensor], str], None]
 _CACHE_ATTR = "_ptd_lora_layers"  # on the model: (adapter signature, its configs, the LoRA layers)
 _PARK_ATTR = "_ptd_parked"  # on a layer: (its active adapters before parking, the list parking set)
+_ONE_ATTR, _FORWARD_ATTR = "_ptd_scale_1", "_ptd_forward"  # on a lora_diffusion layer: scale at w = 1, forward parked
 
 
 def ptd_weight(step: int, total_steps: int = 1000, power: float = 0.3) -> float:
@@ -57,16 +67,25 @@ def _is_lora_layer(m: torch.nn.Module) -> bool:  # peft's LoraLayer, by duck typ
             and all(isinstance(getattr(m, a, None), dict) for a in ("scaling", "lora_alpha", "r")))
 
 
+def _injected_base(m: torch.nn.Module) -> torch.nn.Module | None:
+    """The layer a lora_diffusion layer wraps (LoraInjectedLinear.linear, LoraInjectedConv2d.conv), else None. Their
+    forward: base(x) + dropout(lora_up(selector(lora_down(x)))) * scale."""
+    if all(hasattr(m, name) for name in ("lora_up", "lora_down", "scale")):
+        return m._modules.get("linear", m._modules.get("conv"))
+    return None
+
+
 def _lora_layers(model: torch.nn.Module, adapter_name: str | None) -> list[torch.nn.Module]:
-    """The LoRA layers of `model` holding `adapter_name` (None: any), collected once per `model.peft_config` (the
-    cache holds its configs so that their ids stay unique): an SD UNet has ~1,700 modules to walk."""
+    """The LoRA layers of `model` holding `adapter_name` (None: any; lora_diffusion layers hold every name), collected
+    once per `model.peft_config` (the cache holds its configs so that their ids stay unique): an SD UNet has ~1,700
+    modules to walk. Load or patch the LoRA before the first call."""
     configs = getattr(model, "peft_config", None) or {}
     key = tuple(sorted((name, id(config)) for name, config in configs.items()))
     cached = model.__dict__.get(_CACHE_ATTR)
     if cached is None or cached[0] != key or not cached[2]:
-        cached = (key, tuple(configs.values()), tuple(m for m in model.modules() if _is_lora_layer(m)))
-        model.__dict__[_CACHE_ATTR] = cached  # a plain attribute: no submodule, not in state_dict
-    layers = [m for m in cached[2] if adapter_name is None or adapter_name in m.scaling]
+        found = tuple(m for m in model.modules() if _is_lora_layer(m) or _injected_base(m) is not None)
+        cached = model.__dict__[_CACHE_ATTR] = (key, tuple(configs.values()), found)  # no submodule, not in state_dict
+    layers = [m for m in cached[2] if adapter_name is None or adapter_name in getattr(m, "scaling", (adapter_name,))]
     if not layers:
         what = "any LoRA adapter" if adapter_name is None else f"LoRA adapter '{adapter_name}'"
         raise ValueError(f"{type(model).__name__} has no layer with {what}; load one first, e.g. "
@@ -76,7 +95,7 @@ def _lora_layers(model: torch.nn.Module, adapter_name: str | None) -> list[torch
 
 def _pairs(model: torch.nn.Module, adapter_name: str | None) -> list[tuple[torch.nn.Module, str]]:
     """(layer, adapter) of every LoRA layer holding `adapter_name` (None: each of a layer's adapters)."""
-    pairs = [(layer, a) for layer in _lora_layers(model, adapter_name)
+    pairs = [(layer, a) for layer in _lora_layers(model, adapter_name) if _is_lora_layer(layer)
              for a in (layer.scaling if adapter_name is None else (adapter_name,))]
     merged = sorted({a for layer, a in pairs if a in (getattr(layer, "merged_adapters", None) or ())})
     if merged:
@@ -86,10 +105,9 @@ def _pairs(model: torch.nn.Module, adapter_name: str | None) -> list[tuple[torch
 
 
 def _set_branch(layer: torch.nn.Module, adapter: str, on: bool) -> None:
-    """Park (on=False) or unpark `adapter` in `layer`; parked, it is out of the active adapters and peft skips it.
-    Writes through peft's `LoraLayer.set_adapter(list)`, which sets the layer's `_active_adapter` and the adapters'
-    requires_grad (True if active): those flags are put back. A change of the active adapters by anyone else since
-    parking (set_adapter(s), add_adapter) wins: the parking is then forgotten."""
+    """Park (on=False) or unpark `adapter` in `layer`: out of the active adapters, peft skips it. Writes through peft's
+    `LoraLayer.set_adapter(list)`, whose side effect on requires_grad is undone. A change of the active adapters by
+    anyone else since parking (set_adapter(s), add_adapter) wins: the parking is then forgotten."""
     state = layer.__dict__.pop(_PARK_ATTR, None)
     if state is None and on:
         return  # nothing parked here: the common path at w != 0
@@ -106,6 +124,24 @@ def _set_branch(layer: torch.nn.Module, adapter: str, on: bool) -> None:
             p.requires_grad_(flag)
     if parked:
         layer.__dict__[_PARK_ATTR] = (original, layer.active_adapter)
+
+
+def _set_injected(layer: torch.nn.Module, scale: float, park: bool) -> None:
+    """A lora_diffusion layer's scale; parked, its instance `forward` is the wrapped layer's call, the base output bit
+    for bit (base + 0 * branch is not), put back as it was (a hook's own `forward`, say) when unparked."""
+    layer.scale = scale
+    if park and _FORWARD_ATTR not in layer.__dict__:
+        layer.__dict__[_FORWARD_ATTR] = layer.__dict__.get("forward")
+        layer.__dict__["forward"] = _injected_base(layer).__call__
+    elif not park and _FORWARD_ATTR in layer.__dict__:
+        previous = layer.__dict__.pop(_FORWARD_ATTR)
+        layer.__dict__.pop("forward")
+        if previous is not None:
+            layer.__dict__["forward"] = previous
+
+
+def _injected(model: torch.nn.Module, adapter_name: str | None) -> list[torch.nn.Module]:
+    return [layer for layer in _lora_layers(model, adapter_name) if not _is_lora_layer(layer)]
 
 
 def _finite(weight: float) -> float:
@@ -126,12 +162,15 @@ def _scale_adapter(layer: torch.nn.Module, adapter: str, weight: float, strict: 
 def set_lora_scale(model: torch.nn.Module, weight: float, adapter_name: str | None = None) -> None:
     """Scale the LoRA of `model` (e.g. a diffusers UNet) to `weight` (finite) times its trained strength: w of Eq. 8.
 
-    Each LoRA layer gets peft's `LoraLayer.set_scale(adapter, weight)`, i.e. weight * lora_alpha / r of its own alpha
-    and r. Weight 0 is the base network bit for bit (parked), weight 1 the LoRA as trained. adapter_name None: all.
+    Each peft layer gets `LoraLayer.set_scale(adapter, weight)`, i.e. weight * lora_alpha / r of its own alpha and r;
+    each lora_diffusion layer scale = weight * its scale when first touched. Weight 0 is the base network bit for bit
+    (parked), weight 1 the LoRA as trained. adapter_name None: all.
     """
     weight = _finite(weight)
     for layer, adapter in _pairs(model, adapter_name):
         _scale_adapter(layer, adapter, weight, strict=adapter_name is not None)
+    for layer in _injected(model, adapter_name):
+        _set_injected(layer, weight * layer.__dict__.setdefault(_ONE_ATTR, layer.scale), weight == 0.0)
 
 
 @contextlib.contextmanager
@@ -139,6 +178,7 @@ def lora_scale(model: torch.nn.Module, weight: float, adapter_name: str | None =
     """LoRA weight `weight` inside; the previous per-layer scalings (and parking at 0) restored on exit, also on
     error. E.g. the prior in the middle of tracing: `with lora_scale(unet, 0.0): eps = unet(...)`."""
     saved = [(layer, a, layer.scaling[a]) for layer, a in _pairs(model, adapter_name)]
+    injected = [(layer, layer.scale, _FORWARD_ATTR in layer.__dict__) for layer in _injected(model, adapter_name)]
     set_lora_scale(model, weight, adapter_name)
     try:
         yield
@@ -146,6 +186,8 @@ def lora_scale(model: torch.nn.Module, weight: float, adapter_name: str | None =
         for layer, adapter, scaling in saved:
             layer.scaling[adapter] = scaling
             _set_branch(layer, adapter, scaling != 0.0)
+        for layer, scale, parked in injected:
+            _set_injected(layer, scale, parked)
 
 
 @torch.no_grad()

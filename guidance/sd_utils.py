@@ -44,11 +44,14 @@ def resolve_model_key(key: str, cache_dir: str | os.PathLike | None = None) -> s
             f"on a machine with internet or set GuidanceParams.model_key to a local diffusers folder") from None
 
 
-def load_prior(path: str, device: torch.device, dtype: torch.dtype, prior_lora: str | None = None):
+def load_prior(path: str, device: torch.device, dtype: torch.dtype, prior_lora: str | None = None,
+               lora_path: str | None = None):
     """StableDiffusionPipeline from a local folder, on `device` in `dtype`, frozen and in eval mode.
 
     prior_lora: a diffusers-format LoRA folder (e.g. `form_path.py --images`), fused into the weights and unloaded,
     so the returned UNet is a plain UNet (a later path LoRA can be added on top of it).
+    lora_path: stock's GuidanceParams.LoRA_path, a lora_diffusion file (`guidance.lora_diffusion.load_lora_diffusion`:
+    UNet and text-encoder LoRA fused at scale 1.0, textual-inversion tokens added), after prior_lora.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -61,6 +64,12 @@ def load_prior(path: str, device: torch.device, dtype: torch.dtype, prior_lora: 
         pipe.load_lora_weights(prior_lora, adapter_name="prior")
         pipe.fuse_lora(adapter_names=["prior"])
         pipe.unload_lora_weights()
+    if lora_path:
+        from guidance.lora_diffusion import load_lora_diffusion
+        try:
+            load_lora_diffusion(pipe, lora_path)
+        except ValueError as err:
+            raise ValueError(f"GuidanceParams.LoRA_path: {err}") from None
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()
@@ -93,7 +102,7 @@ class StableDiffusionGuidance:
             dtype = torch.float16 if use_fp16 else torch.float32
         self.dtype = dtype
         self.model_path = resolve_model_key(gp.model_key, cache_dir)
-        self.pipe = load_prior(self.model_path, self.device, dtype, gp.prior_lora)
+        self.pipe = load_prior(self.model_path, self.device, dtype, gp.prior_lora, gp.LoRA_path)
         self.unet, self.vae = self.pipe.unet, self.pipe.vae
         self.tokenizer, self.text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
         self.vae_scale_factor = int(self.pipe.vae_scale_factor)
@@ -173,23 +182,27 @@ class StableDiffusionGuidance:
 
     @torch.no_grad()
     def sample_prior_latents(self, n: int, seed: int, height: int, width: int, steps: int,
-                             batch: int = 8) -> torch.Tensor:
+                             batch: int = 8, network: str = "prior") -> torch.Tensor:
         """n samples of the prior for GuidanceParams.text -> latents [n, 4, h, w] (posterior means, fp32).
 
         DDIM with classifier-free guidance (GuidanceParams.guidance_scale and .negative, the pair the guidance itself
-        uses) through a diffusers pipeline over these modules with its own DDIM scheduler; every LoRA adapter at
-        weight 0 (the pretrained prior); the noise from a CPU generator seeded `seed`, so the global streams never
-        move. Decoded to images and re-encoded (`encode(mean=True)`), so that samples reach the latent space through
-        the same encoder as renders."""
+        uses) through a diffusers pipeline over these modules with its own DDIM scheduler; network "prior": every
+        LoRA adapter at weight 0 (the pretrained prior), "current": the UNet as it is now (e.g. prior + w LoRA as
+        PTD's tracer left it, paper App. H), its scales untouched; the noise from a CPU generator seeded `seed`, so
+        the global streams never move. Decoded to images and re-encoded (`encode(mean=True)`), so that samples reach
+        the latent space through the same encoder as renders."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+        if network not in ("prior", "current"):
+            raise ValueError(f"sample_prior_latents network '{network}' is not 'prior' or 'current'")
         gp = self.gp
         components = dict(self.pipe.components)
         components["scheduler"] = DDIMScheduler.from_config(self.pipe.scheduler.config)
         pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         gen = torch.Generator().manual_seed(int(seed))
-        prior = scale(self.unet, 0.0, None) if getattr(self.unet, "peft_config", None) else contextlib.nullcontext()
+        at_zero = network == "prior" and getattr(self.unet, "peft_config", None)
+        prior = scale(self.unet, 0.0, None) if at_zero else contextlib.nullcontext()
         images = []
         with prior, torch.random.fork_rng(devices=[]):
             for start in range(0, n, batch):
@@ -304,7 +317,9 @@ class StableDiffusionGuidance:
                 for stock's as_latent steps).
             azimuths: B azimuths in degrees (0 = front) for the view-dependent prompts.
             iteration: 1-based training iteration (drives the annealing over warmup_iter).
-        Returns: dict with "loss" (dummy 0 whose backward injects grad into the latents), "t_index", "s_index",
+        Returns: dict with "loss" (dummy 0 whose backward injects grad into the latents), "finite" (the guidance
+            gradient and its loss were finite before nan_to_num cleaned them: False marks the step bad), "t_index",
+            "s_index",
             "timestep" (UNet timestep of t), "flipped", "mse" (mean (pred - target)^2, for logging) and the detached
             "latents", "x_t", "pred", "target", "grad" [B, 4, h, w].
         """
@@ -324,10 +339,14 @@ class StableDiffusionGuidance:
                 _, x_t, target = self.invert(latents.detach(), noise, s, t)
             pred = self.predict(x_t, t, azimuths)
         grad_fn = ism.sds_grad if gp.sds else ism.ism_grad
-        grad = torch.nan_to_num(grad_fn(pred, target, self.abar(t), gp.lambda_guidance))
+        raw = grad_fn(pred, target, self.abar(t), gp.lambda_guidance)
+        mse = ((pred - target) ** 2).mean()
+        finite = bool(torch.isfinite(raw).all()) and bool(torch.isfinite(mse))  # before nan_to_num cleans it
+        grad = torch.nan_to_num(raw)
         loss = ism.SpecifyGradient.apply(latents, grad)
-        return {"loss": loss, "t_index": t, "s_index": s, "timestep": self.timestep(t), "flipped": flipped,
-                "mse": ((pred - target) ** 2).mean(), "latents": latents.detach(), "x_t": x_t, "pred": pred,
+        return {"loss": loss, "finite": finite, "t_index": t, "s_index": s, "timestep": self.timestep(t),
+                "flipped": flipped,
+                "mse": mse, "latents": latents.detach(), "x_t": x_t, "pred": pred,
                 "target": target, "grad": grad}
 
     # ----------------------------------------------------------------------------------------- resume

@@ -103,22 +103,57 @@ def look_at_w2c(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarr
     return w2c
 
 
+def stock_w2c(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """Stock LucidDreamer's world-to-camera matrix (column-vector convention) of a jittered pose, as its
+    rand_poses + GenerateRandomCameras + getWorld2View2 build it (scene/dataset_readers.py):
+        f = normalise(eye - target), r = normalise(f x Z), u = normalise(up)   (up: r x f + the up jitter)
+        pose = [[-r, u, f], eye] (columns), M = pose^-1, R = -M_3x3^T with its first column negated, T = -M_3x1
+        w2c = [[R^T, T], [0, 1]]
+    Without jitter this is look_at_w2c's matrix. With it, the rotation rows (-r, -u, -f) are not orthonormal (u is
+    not perpendicular to f) and T's first component has the wrong sign for the rotation: the effective camera centre
+    is eye - 2 (r . eye) r (for orthonormal axes), off the jittered eye by up to a few tenths of a unit."""
+    f = eye - target
+    f = f / np.linalg.norm(f)
+    r = np.cross(f, np.array([0.0, 0.0, 1.0]))
+    r = r / max(np.linalg.norm(r), 1e-20)
+    u = up / max(np.linalg.norm(up), 1e-20)
+    pose = np.eye(4)
+    pose[:3, :3] = np.stack([-r, u, f], axis=1)
+    pose[:3, 3] = eye
+    m = np.linalg.inv(pose)
+    rot = -m[:3, :3].T
+    rot[:, 0] = -rot[:, 0]
+    w2c = np.eye(4)
+    w2c[:3, :3] = rot.T
+    w2c[:3, 3] = -m[:3, 3]
+    return w2c
+
+
+# how make_camera turns (eye, target, up) into a view: stock (LucidDreamer's matrices, see stock_w2c) | exact
+POSE_CONVENTIONS = ("stock", "exact")
+
+
 def make_camera(eye: Sequence[float], target: Sequence[float], up: Sequence[float], fovy: float, width: int,
                 height: int, *, polar: float = 90.0, azimuth: float = 0.0, radius: float = 0.0,
-                defaults: tuple[float, float, float] = (90.0, 0.0, 3.5), uid: int = 0,
-                device=None) -> Camera:
-    """Camera at `eye` looking at `target`. defaults = (default_polar, default_azimuth, default_radius) for deltas."""
+                defaults: tuple[float, float, float] = (90.0, 0.0, 3.5), uid: int = 0, device=None,
+                convention: str = "exact") -> Camera:
+    """Camera at `eye` looking at `target`. defaults = (default_polar, default_azimuth, default_radius) for deltas.
+    convention "exact": an orthonormal look-at view from `eye`; "stock": stock LucidDreamer's matrix for the same
+    inputs (`stock_w2c`), whose camera centre is taken from the matrix, as stock's Camera does."""
     eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
     focal = height / (2.0 * math.tan(fovy / 2.0))
     fovx = 2.0 * math.atan(width / (2.0 * focal))
-    w2c = look_at_w2c(eye, target, up)
+    if convention not in POSE_CONVENTIONS:
+        raise ValueError(f"pose convention '{convention}' is not one of {', '.join(POSE_CONVENTIONS)}")
+    w2c = stock_w2c(eye, target, up) if convention == "stock" else look_at_w2c(eye, target, up)
+    centre = np.linalg.inv(w2c)[:3, 3] if convention == "stock" else eye
     proj = projection_matrix(ZNEAR, ZFAR, fovx, fovy)
     view_t = torch.tensor(w2c.T, dtype=torch.float32, device=device)
     proj_t = torch.tensor(proj.T, dtype=torch.float32, device=device)
     return Camera(
         world_view_transform=view_t, projection_matrix=proj_t,
         full_proj_transform=torch.tensor(w2c.T @ proj.T, dtype=torch.float32, device=device),
-        camera_center=torch.tensor(eye, dtype=torch.float32, device=device),
+        camera_center=torch.tensor(centre, dtype=torch.float32, device=device),
         FoVx=fovx, FoVy=fovy, image_width=int(width), image_height=int(height),
         polar=float(polar), azimuth=wrap_degrees(azimuth), radius=float(radius),
         delta_polar=float(polar - defaults[0]), delta_azimuth=wrap_degrees(azimuth - defaults[1]),
@@ -145,13 +180,16 @@ def eval_rig_cameras(width: int = 512, height: int = 512, radius: float = 4.0, f
     return cams
 
 
-def video_cameras(cam_params, n_frames: int = 240, polar: Optional[float] = None, device=None) -> list[Camera]:
-    """A 360-degree orbit: n_frames azimuths default_azimuth + 360 k / n at default polar, radius and fovy."""
+def circle_cameras(cam_params, size: int = 8, render_45: bool = True, device=None) -> list[Camera]:
+    """Stock LucidDreamer's circle views (GenerateCircleCameras): `size` azimuths 360 k / size (from 0, the front) at
+    default_polar, then, with render_45, as many at default_polar * 2 // 3 (60 for 90); default radius and fov.
+    uids 0..size-1, then size..2 size-1. Stock's test views are size 8; its videos size 120 (240 frames)."""
     p = cam_params
-    polar = p.default_polar if polar is None else polar
     defaults = (p.default_polar, p.default_azimuth, p.default_radius)
-    return [orbit_camera(p.default_radius, polar, p.default_azimuth + 360.0 * k / n_frames, p.default_fovy,
-                         p.image_w, p.image_h, defaults=defaults, uid=k, device=device) for k in range(n_frames)]
+    polars = [p.default_polar] + ([(2 * p.default_polar) // 3] if render_45 else [])
+    return [orbit_camera(p.default_radius, polar, 360.0 * k / size, p.default_fovy, p.image_w, p.image_h,
+                         defaults=defaults, uid=i * size + k, device=device)
+            for i, polar in enumerate(polars) for k in range(size)]
 
 
 def _signed_range(u: np.ndarray, s: np.ndarray, lo: float, hi: float, gamma: float = 1.0) -> np.ndarray:
@@ -184,8 +222,8 @@ class OrbitCameraSampler:
 
         Stock draws: radius, polar and azimuth by _signed_range (rand_cam_gamma on the angles only); with jitter_pose
         the eye moves by U(-jitter_center/2, +jitter_center/2) per axis, the target (origin) by N(0, jitter_target^2)
-        and the view's up vector by N(0, jitter_up^2) (re-orthogonalised in look_at_w2c; stock leaves the rotation
-        slightly non-orthonormal); fovy ~ U(fovy_range) once per stack."""
+        and the view's up vector by N(0, jitter_up^2); fovy ~ U(fovy_range) once per stack. The view is built from
+        them by GenerateCamParams.pose_convention: stock's matrices (default) or the exact look-at (make_camera)."""
         p, rng = self.p, self.rng
         gamma = float(p.rand_cam_gamma)
         radius = _signed_range(rng.uniform(n), rng.uniform(n), *self.radius_range)
@@ -213,7 +251,8 @@ class OrbitCameraSampler:
     def camera(self, spec: dict, uid: int = 0) -> Camera:
         return make_camera(spec["eye"], spec["target"], spec["up"], spec["fovy"], self.p.image_w, self.p.image_h,
                            polar=spec["polar"], azimuth=spec["azimuth"], radius=spec["radius"],
-                           defaults=self._defaults(), uid=uid, device=self.device)
+                           defaults=self._defaults(), uid=uid, device=self.device,
+                           convention=self.p.pose_convention)
 
     def sample_stack(self) -> list[Camera]:
         """A fresh stack of `batch` cameras (does not touch the stack used by next_views)."""

@@ -95,6 +95,10 @@ class GaussianModel:
         self.denom = self._zeros(n, 1)  # number of such views
         self.max_radii2D = self._zeros(n)  # largest screen radius since the last densification
 
+    def all_finite(self) -> bool:
+        """Every parameter finite (no NaN or inf anywhere)."""
+        return all(bool(torch.isfinite(p).all()) for p in self._params().values())
+
     @property
     def num_points(self) -> int:
         return self._xyz.shape[0]

@@ -21,12 +21,14 @@ from utils.files import file_hash, stable_hash, write_json_atomic
 
 INIT_PLY = "init_points3d.ply"
 INIT_KEY = "init_points3d.json"
+DONE_MARKER = "train_done.json"  # stage 2's completion marker, written last
 # the peft adapter name of the path LoRA, in both stages
 PATH_ADAPTER = "ptd_path"
 
 __all__ = ["INIT_PLY", "INIT_KEY", "PATH_ADAPTER", "configure_torch", "scene_extent", "init_key",
            "initial_gaussians", "make_guidance", "make_sampler", "background", "path_lora_dir", "path_metadata",
-           "check_path_metadata", "load_path_lora", "validate", "check_writable", "run_entry"]
+           "check_path_metadata", "load_path_lora", "final_ply_path", "mark_finished", "finished_ply", "validate",
+           "check_writable", "run_entry"]
 
 
 def configure_torch(cfg: Config) -> None:
@@ -98,7 +100,8 @@ def path_lora_dir(cfg: Config) -> Path:
 def path_metadata(cfg: Config) -> dict:
     """What a path LoRA is made for: stage 2 refuses a path formed for another prompt, prior or initial model."""
     return {"prompt": cfg.GuidanceParams.text, "base_model": cfg.GuidanceParams.model_key,
-            "prior_lora": cfg.GuidanceParams.prior_lora, "init_key_hash": stable_hash(init_key(cfg))}
+            "prior_lora": cfg.GuidanceParams.prior_lora, "LoRA_path": cfg.GuidanceParams.LoRA_path,
+            "init_key_hash": stable_hash(init_key(cfg))}
 
 
 def check_path_metadata(cfg: Config) -> dict:
@@ -120,6 +123,33 @@ def load_path_lora(cfg: Config, guidance) -> dict:
     with torch.random.fork_rng(devices=[]):  # adapter creation draws random init weights: keep the global stream
         load_lora(guidance.pipe, path_lora_dir(cfg), PATH_ADAPTER)
     return info
+
+
+# ---------------------------------------------------------------------------------------------- a finished run
+def final_ply_path(cfg: Config) -> Path:
+    """Where stage 2 writes its final model: <run>/point_cloud/iteration_<iterations>/point_cloud.ply."""
+    return run_dir(cfg) / "point_cloud" / f"iteration_{cfg.OptimizationParams.iterations}" / "point_cloud.ply"
+
+
+def mark_finished(cfg: Config) -> None:
+    """Write <run>/train_done.json, the completion marker, last and atomically, once stage 2 has written everything."""
+    write_json_atomic(run_dir(cfg) / DONE_MARKER, {"iterations": cfg.OptimizationParams.iterations,
+                                                    "ply": str(final_ply_path(cfg).relative_to(run_dir(cfg)))})
+
+
+def finished_ply(run: Path, cfg: Config) -> Path | None:
+    """The final PLY of a FINISHED stage-2 run folder (its completion marker, or for runs from before the marker its
+    final iteration's PLY), else None: a run killed after some intermediate save is not finished."""
+    marker = run / DONE_MARKER
+    if marker.is_file():
+        try:
+            info = json.loads(marker.read_text())
+        except ValueError:
+            return None
+        ply = run / info.get("ply", "")
+        return ply if info.get("iterations") == cfg.OptimizationParams.iterations and ply.is_file() else None
+    ply = run / "point_cloud" / f"iteration_{cfg.OptimizationParams.iterations}" / "point_cloud.ply"
+    return ply if ply.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- checks and CLI

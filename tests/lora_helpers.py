@@ -1,4 +1,4 @@
-"""Helpers shared by the LoRA-scale tests (tests/test_ptd_utils.py, tests/test_lora_merge.py)."""
+"""Helpers shared by the LoRA tests (tests/test_ptd_utils.py, test_lora_merge.py, test_lora_diffusion.py)."""
 import torch
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -54,3 +54,63 @@ def toy_lora_model(adapters=("ptd_path",), r=2, alpha=6.0):
     for m in (model.a, model.b):
         m.set_adapter(list(adapters))  # inject_adapter_in_model leaves only the first adapter active
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# lora_diffusion's layers (stock LucidDreamer's vendored lora_diffusion/lora.py), re-written for the tests: the same
+# attribute names and forward, and a loader that hands out a file's pairs in the order stock's patch_pipe does. This
+# block imports torch only, so that a test can copy this file beside a copied ptd_utils.py.
+# ----------------------------------------------------------------------------------------------------------------------
+class LoraInjectedLinear(torch.nn.Module):
+    """forward = linear(x) + dropout(lora_up(selector(lora_down(x)))) * scale."""
+
+    def __init__(self, base: torch.nn.Linear, r: int = 4, scale: float = 1.0, dropout_p: float = 0.1):
+        super().__init__()
+        self.r, self.scale, self.linear = r, scale, base
+        self.lora_down = torch.nn.Linear(base.in_features, r, bias=False)
+        self.dropout = torch.nn.Dropout(dropout_p)
+        self.lora_up = torch.nn.Linear(r, base.out_features, bias=False)
+        self.selector = torch.nn.Identity()
+
+    def forward(self, x):
+        return self.linear(x) + self.dropout(self.lora_up(self.selector(self.lora_down(x)))) * self.scale
+
+
+class LoraInjectedConv2d(torch.nn.Module):
+    """forward = conv(x) + dropout(lora_up(selector(lora_down(x)))) * scale; lora_down has the base's kernel."""
+
+    def __init__(self, base: torch.nn.Conv2d, r: int = 4, scale: float = 1.0, dropout_p: float = 0.1):
+        super().__init__()
+        self.r, self.scale, self.conv = r, scale, base
+        self.lora_down = torch.nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                         base.dilation, base.groups, bias=False)
+        self.dropout = torch.nn.Dropout(dropout_p)
+        self.lora_up = torch.nn.Conv2d(r, base.out_channels, 1, bias=False)
+        self.selector = torch.nn.Identity()
+
+    def forward(self, x):
+        return self.conv(x) + self.dropout(self.lora_up(self.selector(self.lora_down(x)))) * self.scale
+
+
+def patch_lora_diffusion(model, pairs, targets, scale=1.0):
+    """Stock's loading of one part of a lora_diffusion file, re-written: for every module whose class name is in
+    `targets` (model.modules() order), each plain nn.Linear / nn.Conv2d below it (named_modules() order) takes the next
+    (up, down) pair of matching dimensionality, wrapped in an injected layer at `scale`; left in training mode, as
+    stock leaves them (callers choose eval()). Returns the names filled, in order."""
+    pairs, filled = list(pairs), []
+    for ancestor_name, ancestor in list(model.named_modules()):
+        if type(ancestor).__name__ not in targets:
+            continue
+        for name, child in list(ancestor.named_modules()):
+            kind = {torch.nn.Linear: (LoraInjectedLinear, 2), torch.nn.Conv2d: (LoraInjectedConv2d, 4)}.get(type(child))
+            if kind is None or pairs[0][0].ndim != kind[1]:  # an IndexError when the pairs run out, as stock's
+                continue
+            up, down = pairs.pop(0)
+            layer = kind[0](child, r=down.shape[0], scale=scale)
+            layer.lora_up.weight = torch.nn.Parameter(up.to(child.weight.dtype))
+            layer.lora_down.weight = torch.nn.Parameter(down.to(child.weight.dtype))
+            parent_name, _, attr = name.rpartition(".")
+            parent = ancestor.get_submodule(parent_name) if parent_name else ancestor
+            parent._modules[attr] = layer
+            filled.append(f"{ancestor_name}.{name}" if ancestor_name else name)
+    return filled

@@ -116,6 +116,13 @@ def test_stock_luciddreamer_config_loads_with_warnings(tmp_path):
     assert cfg.ModelParams.bg_aug_ratio == 0.66 and cfg.GenerateCamParams.init_shape == "pointe"
 
 
+@pytest.mark.parametrize("override", ["GuidanceParams.guidance_scale=.nan", "OptimizationParams.position_lr_init=.inf",
+                                      "GuidanceParams.t_range=[0.02, -.inf]"])
+def test_non_finite_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match="expected a finite number"):
+        load_config(None, [override])
+
+
 def test_a_retired_key_of_an_older_run_loads_with_a_warning(tmp_path):
     path = write(tmp_path, """
         OptimizationParams:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from arguments import GenerateCamParams, OptimizationParams
-from scene.cameras import (OrbitCameraSampler, eval_rig_cameras, make_camera, orbit_camera, video_cameras,
+from scene.cameras import (OrbitCameraSampler, circle_cameras, eval_rig_cameras, make_camera, orbit_camera,
                            wrap_degrees)
 
 
@@ -67,14 +67,16 @@ def test_eval_rig_gives_the_16_paper_views():
     assert cams[4].azimuth == 0.0 and cams[0].azimuth == 180.0  # -180 wraps to 180: the back view
 
 
-def test_video_path_goes_around_at_the_defaults():
+def test_circle_cameras_are_stocks_test_and_video_views():
+    """Stock's GenerateCircleCameras: azimuths 360 k / size from 0 at the default polar, then at 2/3 of it."""
     p = GenerateCamParams(image_w=32, image_h=32)
-    cams = video_cameras(p, n_frames=12)
-    assert len(cams) == 12
+    cams = circle_cameras(p, size=12)
+    assert len(cams) == 24 and [c.uid for c in cams] == list(range(24))
     for k, cam in enumerate(cams):
-        assert cam.polar == p.default_polar and cam.radius == p.default_radius and cam.FoVy == p.default_fovy
-        assert cam.azimuth == pytest.approx(wrap_degrees(30.0 * k))
+        assert cam.polar == (90.0 if k < 12 else 60.0) and cam.radius == p.default_radius
+        assert cam.FoVy == p.default_fovy and cam.azimuth == pytest.approx(wrap_degrees(30.0 * (k % 12)))
         assert float(cam.camera_center.norm()) == pytest.approx(p.default_radius, rel=1e-6)
+    assert len(circle_cameras(p, size=8, render_45=False)) == 8
 
 
 def sampler(seed=0, **overrides):

@@ -3,13 +3,14 @@ deterministic scores, per-run and overall aggregation equal to a direct computat
 trained tiny runs (folder of runs, --prompts), the A/B report from metrics files, and one-line errors."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 import evaluate
 import train
-from arguments import load_config
+from arguments import load_config, save_config
 from scene import GaussianModel, eval_rig_cameras
 from scene.cameras import orbit_position, wrap_degrees
 from test_end_to_end import SMOKE, TINY_RUN
@@ -58,7 +59,8 @@ def test_tiny_scores_are_deterministic_and_aggregate_like_a_loop():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two finished tiny runs with different prompts and one unfinished run folder."""
+    """Two finished tiny runs with different prompts and two unfinished run folders: c never trained, d killed after
+    an intermediate save (its iteration-4 PLY is there, the final one and the completion marker are not)."""
     root = tmp_path_factory.mktemp("eval_runs")
     for name, prompt in (("a", "a bagel"), ("b", "a red car")):
         cfg = load_config(SMOKE, [*TINY_RUN, "save_video=false", "PTDParams.mode=off", f"GuidanceParams.text={prompt}",
@@ -66,13 +68,17 @@ def runs(tmp_path_factory):
         train.main(cfg)
     (root / "c").mkdir()
     (root / "c" / "config.yaml").write_text((root / "a" / "config.yaml").read_text().replace("a bagel", "a cat"))
+    shutil.copytree(root / "a", root / "d")
+    (root / "d" / "config.yaml").write_text((root / "a" / "config.yaml").read_text().replace("a bagel", "a dog"))
+    (root / "d" / "train_done.json").unlink()
+    shutil.rmtree(root / "d" / "point_cloud" / "iteration_8")
     return root
 
 
 def test_evaluate_folder_of_runs(runs):
     assert evaluate.cli([str(runs), *ARGS]) == 0
     report = json.loads((runs / "clip_scores.json").read_text())
-    assert [r["run"] for r in report["rows"]] == ["a", "b"] and report["unfinished"] == ["c"]
+    assert [r["run"] for r in report["rows"]] == ["a", "b"] and report["unfinished"] == ["c", "d"]
     assert report["models"] == ["tiny"] and all(r["views"] == 16 for r in report["rows"])
     # the score of run a equals a direct computation: load the final PLY, render the rig, score, average
     gaussians = GaussianModel(0)
@@ -82,7 +88,7 @@ def test_evaluate_folder_of_runs(runs):
     assert report["rows"][0]["scores"]["tiny"]["mean"] == pytest.approx(direct, abs=1e-6)
     assert report["overall"]["tiny"] == pytest.approx(sum(r["scores"]["tiny"]["mean"] for r in report["rows"]) / 2)
     text = (runs / "clip_scores.md").read_text()
-    assert "| **overall** |" in text and "unfinished (no final PLY): c" in text
+    assert "| **overall** |" in text and "unfinished (not scored): c" in text and "unfinished (not scored): d" in text
 
 
 def test_prompts_file_restricts_and_orders(runs, tmp_path):
@@ -97,7 +103,7 @@ def test_prompts_file_restricts_and_orders(runs, tmp_path):
 
 
 def test_bad_input_is_one_line(runs, tmp_path, capsys):
-    cases = [([str(runs / "c"), *ARGS], "no point_cloud/iteration_*/point_cloud.ply"),
+    cases = [([str(runs / "c"), *ARGS], "is unfinished"), ([str(runs / "d"), *ARGS], "is unfinished"),
              ([str(runs), *ARGS, "--prompts", str(tmp_path / "nope.txt")], "not found"),
              ([str(tmp_path / "nothing"), *ARGS], "is not a folder"),
              (["--ab", str(runs / "a"), str(runs / "b")], "metrics_interval")]
@@ -121,11 +127,30 @@ def test_missing_clip_weights_offline_is_one_line(runs, tmp_path, capsys, monkey
     assert not (tmp_path / "clip_scores.json").exists()
 
 
-def write_metrics(run, mode, losses, clips):
+def write_metrics(run, mode, losses, clips, iterations=21, finished=True):
+    """A run folder as train.py leaves it for the A/B report: config.yaml, metrics.jsonl, completion marker."""
     run.mkdir(parents=True)
     records = [{"iteration": 1 + 10 * i, "mode": mode, "matching_loss": m, "matching_loss_std": 0.1,
                 "clip": {"tiny": c}} for i, (m, c) in enumerate(zip(losses, clips))]
     (run / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    save_config(load_config(SMOKE, [f"OptimizationParams.iterations={iterations}", f"PTDParams.mode={mode}"]),
+                run / "config.yaml")
+    if finished:
+        ply = run / "point_cloud" / f"iteration_{iterations}" / "point_cloud.ply"
+        ply.parent.mkdir(parents=True)
+        ply.write_bytes(b"ply")
+        (run / "train_done.json").write_text(json.dumps({"iterations": iterations, "ply": str(ply.relative_to(run))}))
+
+
+def test_ab_report_refuses_unfinished_or_unequal_arms(tmp_path):
+    write_metrics(tmp_path / "van", "off", [3.0, 2.5, 2.0], [20.0, 22.0, 24.0])
+    write_metrics(tmp_path / "killed", "weighted", [1.5, 1.4], [21.0, 24.0], iterations=30, finished=False)
+    write_metrics(tmp_path / "long", "weighted", [1.5, 1.4, 1.3, 1.2], [21.0, 24.0, 26.0, 27.0], iterations=31)
+    with pytest.raises(ValueError, match=r"'.*killed' is unfinished \(last metrics record at iteration 11 of 30\)"):
+        write_ab_report(tmp_path / "van", tmp_path / "killed", tmp_path / "out")
+    with pytest.raises(ValueError, match=r"different numbers of iterations \(21 vs 31\)"):
+        write_ab_report(tmp_path / "van", tmp_path / "long", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_ab_report_from_metrics_files(tmp_path):

@@ -1,7 +1,9 @@
 """Metrics during stage 2: records at the right iterations under the iteration's network, the training trajectory
-untouched (same final PLY bytes with metrics on and off, PTD and vanilla), exact resume, and the A/B report."""
+untouched (same final PLY bytes with metrics on and off, PTD and vanilla, references of the prior or of the current
+network, the scored x_0 in or out of the reference set), exact resume, and the A/B report."""
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ import train
 from arguments import ConfigError, load_config
 from arguments.checks import check_eval_params
 from guidance.ptd_utils import ptd_weight
+from guidance.sd_utils import StableDiffusionGuidance
+from stages.run import INIT_KEY, INIT_PLY
 from test_end_to_end import SMOKE, TINY_RUN, crash_train_at
 from evaluation.monitor import METRICS_FILE, read_metrics, record_iterations, reset_metrics_file
 from utils.rng import preserved_rng
@@ -51,9 +55,60 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def current_run(runs):
+    """The PTD arm again (own folder, the same path LoRA) with references of the current network and each render's
+    own x_0 in its reference set, every sampling of references recorded."""
+    root, calls = runs["root"], []
+    sample = StableDiffusionGuidance.sample_prior_latents
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("network"))
+        return sample(self, *args, **kwargs)
+    cfg = cfg_for(root, "ptd_current", "PTDParams.mode=weighted", f"PTDParams.path_lora={root / 'ptd' / 'path_lora'}",
+                  "EvalParams.metrics_interval=3", "EvalParams.probe_refs=current",
+                  "EvalParams.probe_include_self=true")
+    (root / "ptd_current").mkdir()
+    for name in (INIT_PLY, INIT_KEY):  # PTD's stage 2 starts from stage 1's initial model
+        shutil.copy(root / "ptd" / name, root / "ptd_current" / name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StableDiffusionGuidance, "sample_prior_latents", spy)
+        ply = ply_bytes(train.main(cfg))
+    return {"ply": ply, "calls": calls, "records": read_metrics(root / "ptd_current" / METRICS_FILE),
+            "folder": root / "ptd_current"}
+
+
 @pytest.mark.parametrize("arm", ["ptd", "vanilla"])
 def test_metrics_do_not_change_the_trajectory(runs, arm):
     assert runs[arm]["on"] == runs[arm]["off"]
+
+
+def test_current_references_are_resampled_per_network_off_the_trajectory(runs, current_run):
+    assert current_run["ply"] == runs["ptd"]["off"]
+    records = current_run["records"]
+    assert [r["iteration"] for r in records] == RECORDED
+    assert all(r["matching_loss_reading"] == "self_included" and r["matching_loss_refs"] == "current"
+               for r in records)
+    assert all(r["matching_loss_reading"] == "refs_only" and r["matching_loss_refs"] == "prior"
+               for r in runs["ptd"]["records"])
+    # w(1), w(3), w(6) > 0: three networks, each sampled at its record (memo only); w(8) = 0: the prior, whose
+    # references are sampled once and shared through the file with probe_ood.py and evaluate.py
+    assert [r["ptd_weight"] > 0 for r in records] == [True, True, True, False]
+    assert current_run["calls"] == ["current", "current", "current", "prior"]
+    assert len(list((current_run["folder"] / "probe").glob("refs_*.pt"))) == 1
+    assert all(np.isfinite(r["matching_loss"]) and r["matching_loss"] >= 0 for r in records)
+    assert records[-1]["matching_loss"] != runs["ptd"]["records"][-1]["matching_loss"]  # the other reading
+
+
+def test_evaluate_matching_loss_uses_the_run_s_reading(current_run, tmp_path):
+    """evaluate.py --matching-loss reads EvalParams.probe_include_self/probe_refs from the run's config: the final
+    PLY under the prior scores what the monitor's last record (w = 0) does."""
+    last = current_run["records"][-1]
+    assert evaluate.cli([str(current_run["folder"]), "--clip-models", "none", "--matching-loss", "--out",
+                         str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "clip_scores.json").read_text())["rows"]
+    assert row["matching_loss"]["mean"] == pytest.approx(last["matching_loss"], rel=1e-6)
+    assert row["matching_loss"]["by_t"] == pytest.approx(last["matching_loss_by_t"], rel=1e-6)
 
 
 def test_records_at_the_interval_under_the_iterations_network(runs):
@@ -118,6 +173,16 @@ def test_bad_eval_params_are_one_line(runs):
         train.main(cfg, overwrite=True)
     with pytest.raises(ConfigError, match="metrics_interval must be >= 0"):
         check_eval_params(load_config(SMOKE, ["EvalParams.metrics_interval=-1"]))
+
+
+def test_probe_refs_is_checked_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="EvalParams.probe_refs 'lora' is not 'prior'"):
+        check_eval_params(load_config(SMOKE, ["EvalParams.probe_refs=lora"]))
+    cfg = cfg_for(tmp_path, "bad", "PTDParams.mode=off", "EvalParams.probe_refs=lora")
+    with pytest.raises(ConfigError, match="probe_refs"):
+        train.main(cfg)
+    assert not (tmp_path / "bad").exists()
+    check_eval_params(load_config(SMOKE, ["EvalParams.probe_refs=current", "EvalParams.probe_include_self=true"]))
 
 
 def test_record_iterations_and_file_reset(tmp_path):

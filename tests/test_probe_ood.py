@@ -1,6 +1,8 @@
-"""OOD probe: per-timestep aggregation and the per-sample loss layout against brute-force loops, the probe end to end
-on a stage-1 run (cache reuse, prior vs path LoRA), and one-line errors for bad input."""
+"""OOD probe: per-timestep aggregation and the per-sample loss layout against brute-force loops (both readings of the
+reference set, eps/score space, RMS/raw), references of the current network (fingerprint, cache, memo), the probe end
+to end on a stage-1 run (cache reuse, prior vs path LoRA, both readings side by side, --raw), and one-line errors."""
 import json
+import math
 import statistics
 
 import pytest
@@ -9,7 +11,9 @@ import torch
 import form_path
 import probe_ood
 from arguments import load_config, run_dir
+from guidance.lora_merge import set_scale
 from guidance.stf import aggregate_by_timestep, matching_loss, stf_eps
+from stages.run import PATH_ADAPTER, load_path_lora, make_guidance
 from test_end_to_end import SMOKE, TINY_RUN
 from evaluation import ood
 from guidance.sd_utils import StableDiffusionGuidance
@@ -48,11 +52,14 @@ class FakeGuidance:
         return 0.3 * x_t + t / 1000.0
 
 
-def test_matching_losses_layout_equals_a_loop():
+@pytest.mark.parametrize("include_self,space,normalize", [(False, "eps", True), (True, "eps", True),
+                                                          (True, "score", False), (False, "score", False)])
+def test_matching_losses_layout_equals_a_loop(include_self, space, normalize):
     g = torch.Generator().manual_seed(1)
     x0, refs = torch.randn(3, 4, 2, 2, generator=g), torch.randn(5, 4, 2, 2, generator=g)
     timesteps, draws, emb = [100, 700], 2, torch.zeros(1, 77, 8)
-    out = ood.matching_losses(FakeGuidance(), x0, refs, timesteps, emb, seed=7, draws=draws, batch=4)
+    out = ood.matching_losses(FakeGuidance(), x0, refs, timesteps, emb, seed=7, draws=draws, batch=4,
+                              include_self=include_self, space=space, normalize=normalize)
     assert out.shape == (2, 3, 2)
     gen = torch.Generator().manual_seed(7)
     for i, t in enumerate(timesteps):
@@ -61,8 +68,21 @@ def test_matching_losses_layout_equals_a_loop():
         for n in range(3):
             for k in range(draws):
                 x_t = (abar.sqrt() * x0[n] + (1 - abar).sqrt() * eps[k, n])[None]
-                want = matching_loss(0.3 * x_t + t / 1000.0, x_t, refs, abar.sqrt(), (1 - abar).sqrt())
+                ref_set = torch.cat([refs, x0[n:n + 1]]) if include_self else refs  # brute force: explicit set
+                want = matching_loss(0.3 * x_t + t / 1000.0, x_t, ref_set, abar.sqrt(), (1 - abar).sqrt(), space,
+                                     normalize)
                 torch.testing.assert_close(out[i, n, k], want[0])
+
+
+def test_both_readings_in_one_pass_equal_separate_calls():
+    g = torch.Generator().manual_seed(3)
+    x0, refs = torch.randn(5, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    args = (FakeGuidance(), x0, refs, [50, 400], torch.zeros(1, 77, 8), 11, 3, 4)
+    both = ood.matching_losses_by_reading(*args)
+    assert set(both) == {False, True}
+    for include_self in (False, True):
+        torch.testing.assert_close(both[include_self], ood.matching_losses(*args, include_self=include_self))
+    assert not torch.allclose(both[False], both[True])
 
 
 def test_matching_loss_is_zero_for_the_stf_denoiser():
@@ -76,13 +96,59 @@ def test_matching_loss_is_zero_for_the_stf_denoiser():
     assert out.abs().max() < 1e-5
 
 
+STAGE1 = [*TINY_RUN, *PROBE, "ModelParams.workspace=run", "PTDParams.mode=weighted", "PTDParams.lora_lr=0.01"]
+
+
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe_run")
-    cfg = load_config(SMOKE, [*TINY_RUN, *PROBE, f"ModelParams.output_root={root}", "ModelParams.workspace=run",
-                              "PTDParams.mode=weighted", "PTDParams.lora_lr=0.01"])
+    cfg = load_config(SMOKE, [*STAGE1, f"ModelParams.output_root={root}"])
     form_path.main(cfg)
     return cfg
+
+
+def stage1_cfg(cfg, *overrides):
+    """The stage-1 run's config with EvalParams overrides."""
+    return load_config(SMOKE, [*STAGE1, f"ModelParams.output_root={cfg.ModelParams.output_root}", *overrides])
+
+
+def test_current_references_follow_the_network(stage1_run, tmp_path, monkeypatch):
+    """probe_refs=current: the prior's samples (same key, same file) while no LoRA contributes; the network's own
+    samples, keyed by its fingerprint and memoised, once the path LoRA has a weight; probe_refs=prior: always the
+    prior's, whatever the LoRA's weight."""
+    prior_cfg, current_cfg = stage1_cfg(stage1_run), stage1_cfg(stage1_run, "EvalParams.probe_refs=current")
+    guidance = make_guidance(prior_cfg, torch.device("cpu"))
+    assert ood.network_fingerprint(guidance.unet) is None  # no LoRA at all
+    load_path_lora(prior_cfg, guidance)
+    calls = []
+    sample = StableDiffusionGuidance.sample_prior_latents
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("network"))
+        return sample(self, *args, **kwargs)
+    monkeypatch.setattr(StableDiffusionGuidance, "sample_prior_latents", spy)
+    memo = {}
+    set_scale(guidance.unet, 0.0, PATH_ADAPTER)
+    assert ood.network_fingerprint(guidance.unet) is None  # weight 0 is the prior
+    prior = ood.reference_latents(prior_cfg, guidance, tmp_path)
+    at_zero = ood.reference_latents(current_cfg, guidance, tmp_path, memo)
+    assert calls == ["prior"] and torch.equal(prior, at_zero) and len(list(tmp_path.glob("refs_*.pt"))) == 1
+    set_scale(guidance.unet, 1.0, PATH_ADAPTER)
+    fingerprint = ood.network_fingerprint(guidance.unet)
+    assert fingerprint is not None and fingerprint == ood.network_fingerprint(guidance.unet)
+    at_one = ood.reference_latents(current_cfg, guidance, tmp_path, memo, persist_current=False)
+    assert calls == ["prior", "current"] and not torch.allclose(at_one, prior)
+    assert len(list(tmp_path.glob("refs_*.pt"))) == 1  # kept in the memo only
+    assert torch.equal(ood.reference_latents(current_cfg, guidance, tmp_path, memo, persist_current=False), at_one)
+    assert torch.equal(ood.reference_latents(prior_cfg, guidance, tmp_path), prior)  # LoRA forced to 0 (cached)
+    assert len(calls) == 2
+    set_scale(guidance.unet, 0.5, PATH_ADAPTER)
+    assert ood.network_fingerprint(guidance.unet) not in (None, fingerprint)
+    at_half = ood.reference_latents(current_cfg, guidance, tmp_path, memo)  # persisted: a second file
+    assert calls[-1] == "current" and len(list(tmp_path.glob("refs_*.pt"))) == 2
+    assert not torch.allclose(at_half, at_one) and not torch.allclose(at_half, prior)
+    with pytest.raises(ValueError, match="network 'lora' is not 'prior' or 'current'"):
+        guidance.sample_prior_latents(1, 0, 32, 32, 1, network="lora")
 
 
 def test_probe_end_to_end_prior_and_path(stage1_run, monkeypatch):
@@ -97,6 +163,11 @@ def test_probe_end_to_end_prior_and_path(stage1_run, monkeypatch):
         assert (folder / f"matching_loss_prior.{ext}").stat().st_size > 0
     text = (folder / "matching_loss_prior.md").read_text()
     assert "| overall (t ~ U) |" in text and "not directly comparable" in text
+    assert "| rendered (refs only) | generated (refs only) | ratio (refs only) | rendered (self incl.) |" in text
+    # both readings side by side whatever the default; `rows` is the default's (references only)
+    assert prior["reading"] == "refs_only" and set(prior["rows_by_reading"]) == {"refs_only", "self_included"}
+    assert prior["rows"] == prior["rows_by_reading"]["refs_only"] != prior["rows_by_reading"]["self_included"]
+    assert prior["space"] == "eps" and prior["normalize"] is True and prior["refs"] == "prior"
     assert len(list(folder.glob("refs_*.pt"))) == 1 and len(list(folder.glob("gen_*.pt"))) == 1
 
     def no_sampling(*args, **kwargs):
@@ -123,3 +194,32 @@ def test_bad_input_is_one_line(stage1_run, tmp_path, capsys):
     assert "no path LoRA" in err and "\n" not in err
     assert probe_ood.cli(["--opt", opt, "--timesteps", "100,5000"]) == 1
     assert "--timesteps" in capsys.readouterr().err
+    assert probe_ood.cli(["--opt", opt, "--raw", "--space", "eps"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--raw is --space score --no-normalize" in err and "\n" not in err
+    with pytest.raises(ValueError, match="--space 'latent' is not one of eps, score"):
+        probe_ood.main(stage1_run, space="latent")
+
+
+def test_probe_include_self_picks_the_rows_and_raw_score_space(stage1_run, capsys):
+    """probe_include_self only picks `rows` (the same two readings, same eps); --raw is the score-space L2 without
+    the sqrt(dim): per sample (eps-space RMS) x sqrt(D) / sigma_t exactly, so per t the means scale alike."""
+    cfg = stage1_run
+    folder = run_dir(cfg) / "probe"
+    default = probe_ood.main(cfg, num_generated=3)
+    included = probe_ood.main(stage1_cfg(cfg, "EvalParams.probe_include_self=true"), num_generated=3)
+    assert included["reading"] == "self_included" and included["rows_by_reading"] == default["rows_by_reading"]
+    assert included["rows"] == default["rows_by_reading"]["self_included"]
+    assert probe_ood.cli(["--opt", str(run_dir(cfg) / "config_form_path.yaml"), "--num-generated", "3", "--raw"]) == 0
+    assert "space: score, norm: per-sample L2 (raw" in capsys.readouterr().out
+    raw = json.loads((folder / "matching_loss_prior_score_raw.json").read_text())
+    assert raw["space"] == "score" and raw["normalize"] is False
+    assert (folder / "matching_loss_prior_score_raw.png").stat().st_size > 0
+    guidance = make_guidance(cfg, torch.device("cpu"))
+    dim = 4 * (cfg.GenerateCamParams.image_h // guidance.vae_scale_factor) ** 2
+    for reading in ("refs_only", "self_included"):
+        for name in ("rendered", "generated"):
+            for r_raw, r_eps in zip(raw["rows_by_reading"][reading][name]["by_t"],
+                                    default["rows_by_reading"][reading][name]["by_t"]):
+                factor = math.sqrt(dim) / (1 - guidance.abar(r_raw["t"])).sqrt().item()
+                assert r_raw["mean"] == pytest.approx(r_eps["mean"] * factor, rel=1e-4)

@@ -97,6 +97,17 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "all_nan" / "checkpoints").glob("*.pt")] == ["iteration_000003.pt"]
 
 
+def test_an_overflowing_guidance_step_counts_as_nonfinite(tmp_path):
+    """guidance_scale 1e30: the ISM loss overflows (and its gradient is absurd or non-finite before nan_to_num cleans
+    it). Such a step counts as non-finite, the run stops and never says it is done."""
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off", "GuidanceParams.guidance_scale=1e30",
+                  "OptimizationParams.max_nonfinite_steps=3", workspace="huge")
+    with pytest.raises(ValueError, match="3 iterations in a row had a non-finite loss or gradient"):
+        train.main(cfg)
+    assert not (tmp_path / "huge" / "train_done.json").exists()
+    assert not list((tmp_path / "huge" / "point_cloud").glob("iteration_8"))
+
+
 def test_disk_full_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path, "PTDParams.mode=off", workspace="full")
     real_save = torch.save

@@ -138,8 +138,8 @@ def test_gradcheck_float64():
     quats = torch.randn(3, 4, generator=g, dtype=torch.float64).requires_grad_(True)
     bg = torch.tensor([0.3, 0.2, 0.9], dtype=torch.float64)
 
-    def fn(m, f, o, s, q):
-        out = render_torch(cam, m, f, o, s, q, bg, 1)
+    def fn(m, f, o, s, q):  # "full": the true derivative of depth (the fork's "alpha" holds z constant on purpose)
+        out = render_torch(cam, m, f, o, s, q, bg, 1, depth_grad="full")
         return torch.cat([out[k].reshape(-1) for k in KEYS])
     assert torch.autograd.gradcheck(fn, (means, feats, opac, scales, quats), eps=1e-6, atol=1e-5, rtol=1e-4,
                                     fast_mode=True)
@@ -291,14 +291,18 @@ def _cuda_parity(backend, module):
         assert float(err.mean()) < 5e-3 * scale and float(err.quantile(0.99)) < 3e-2 * scale, (k, err.max())
     g = torch.Generator(device=dev).manual_seed(0)
     up = torch.randn(ref["render"].shape, generator=g, device=dev)
-    grads = []
-    for o in (ref, render(cam, model, bg, backend=backend)):
-        model._xyz.grad = None
-        (o["render"] * up).sum().backward()
-        grads.append((model._xyz.grad.clone(), o["viewspace_points"].grad.clone()))
-    for a, b in zip(grads[0], grads[1]):
-        cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
-        assert float(cos) > 0.95
+    up_depth = torch.randn(ref["depth"].shape, generator=g, device=dev) / float(ref["depth"].detach().max())
+    modes = ("alpha", "full") if backend == "gsplat" else ("alpha",)  # the fork has the depth gradient through alpha
+    for depth_grad in modes:  # the depth image's gradient as well as the colour's
+        grads = []
+        for name in ("torch", backend):
+            o = render(cam, model, bg, backend=name, depth_grad=depth_grad)
+            model._xyz.grad = None
+            ((o["render"] * up).sum() + (o["depth"] * up_depth).sum()).backward()
+            grads.append((model._xyz.grad.clone(), o["viewspace_points"].grad.clone()))
+        for a, b in zip(grads[0], grads[1]):
+            cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+            assert float(cos) > 0.95, depth_grad
 
 
 @pytest.mark.gpu
