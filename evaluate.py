@@ -208,6 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.path) == bool(args.ab):
         parser.error("give either a run folder (or folder of runs) or --ab VANILLA_RUN PTD_RUN")
+    if not 1 <= args.resolution <= 8192:
+        parser.error(f"--resolution must be in [1, 8192] pixels (the paper's protocol: 512), got {args.resolution}")
     return args
 
 

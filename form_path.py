@@ -24,11 +24,11 @@ from arguments import Config, RunError, parse_cli, run_dir, save_config
 from evaluation.plots import plot_denoising_report
 from gaussian_renderer import render_views
 from guidance.lora_merge import load_adapter_weights, scale
-from guidance.lora_training import add_path_lora, denoising_loss, fit_lora, lora_state_dict, save_lora
-from stages.run import (PATH_ADAPTER, background, configure_torch, init_key, initial_gaussians, make_guidance,
-                        make_sampler, path_lora_dir, path_metadata, run_entry, validate)
+from guidance.lora_training import METADATA_NAME, add_path_lora, denoising_loss, fit_lora, lora_state_dict, save_lora
+from stages.run import (PATH_ADAPTER, background, configure_torch, init_key, initial_gaussians,
+                        lock_workspace, make_guidance, make_sampler, path_lora_dir, path_metadata, run_entry, validate)
 from utils.device import resolve_device
-from utils.files import atomic_path, stable_hash, write_json_atomic
+from utils.files import atomic_path, remove_temporaries, stable_hash, write_json_atomic
 from utils.rng import seed_everything
 
 # timesteps at which the prior and the path LoRA are compared on the renders
@@ -57,8 +57,12 @@ def fit_and_save(cfg: Config, guidance, latents, embeddings, out_dir: Path, epoc
     key = stable_hash({"metadata": metadata, "epochs": epochs, "ptd": vars(p), "latents": list(latents.shape)})
     fit_state, losses = None, []
     if resume and state_path.is_file():
-        saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        if saved["key"] != key:
+        try:  # weights_only: tensors and plain containers only, so a crafted file cannot run code
+            saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - any unpickling failure means a damaged (or foreign) file
+            raise RunError(f"--resume: {state_path} is unreadable (truncated, or not written by form_path.py); "
+                           f"delete it and rerun without --resume") from None
+        if not isinstance(saved, dict) or saved.get("key") != key:
             raise RunError(f"--resume: {state_path} belongs to another stage-1 config; rerun without --resume")
         load_adapter_weights(unet, saved["lora"], PATH_ADAPTER)
         fit_state, losses = saved["fit"], saved["losses"]
@@ -122,26 +126,39 @@ def start_run(cfg: Config) -> torch.device:
     return device
 
 
+def check_output_folder(out_dir: Path, overwrite: bool, what: str, fix: str) -> None:
+    """An existing LoRA folder is replaced only with --overwrite, and only when form_path.py wrote it (its
+    ptd_path.json): a user's own folder is never deleted."""
+    if out_dir.exists() and not overwrite:
+        raise RunError(f"{what} {out_dir} exists; pass --overwrite to fit it again")
+    if out_dir.exists() and not (out_dir / METADATA_NAME).is_file():
+        raise RunError(f"{out_dir} exists and is not a LoRA folder written by form_path.py (no {METADATA_NAME}); "
+                       f"{fix}")
+
+
 def form_path(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     """Stage 1 on the renders of the initial 3D model; returns the path LoRA folder."""
     out_dir = path_lora_dir(cfg)
-    if out_dir.exists() and not overwrite:
-        raise RunError(f"path LoRA {out_dir} exists; pass --overwrite to form it again")
+    check_output_folder(out_dir, overwrite, "path LoRA", "point PTDParams.path_lora at a new folder")
     device = start_run(cfg)
-    gaussians = initial_gaussians(cfg, device)
-    guidance = make_guidance(cfg, device)
-    images, azimuths = stage1_views(cfg, gaussians, device)
-    latents = guidance.encode(images)  # once: the latents are cached for all epochs
-    embeddings = guidance.view_embeddings(azimuths)
-    print(f"stage 1: {len(azimuths)} renders -> latents {list(latents.shape)}; fitting the path LoRA "
-          f"({cfg.PTDParams.path_epochs} epochs)")
-    metadata = {**path_metadata(cfg), "init_key": init_key(cfg), "num_views": len(azimuths), "kind": "path"}
-    meta = fit_and_save(cfg, guidance, latents, embeddings, out_dir, cfg.PTDParams.path_epochs, metadata, resume)
-    report = loss_report(guidance, latents, embeddings, cfg.seed)
-    write_json_atomic(out_dir / "denoising_loss.json", report)
-    plot_denoising_report(report, out_dir / "denoising_loss.png",
-                          f"{cfg.GuidanceParams.text[:60]} ({meta['steps']} steps)")
-    print_report(report)
+    with lock_workspace(cfg):  # no other stage writes this workspace meanwhile
+        remove_temporaries(run_dir(cfg))  # what a killed stage left half-written
+        gaussians = initial_gaussians(cfg, device)
+        guidance = make_guidance(cfg, device)
+        images, azimuths = stage1_views(cfg, gaussians, device)
+        latents = guidance.encode(images)  # once: the latents are cached for all epochs
+        embeddings = guidance.view_embeddings(azimuths)
+        print(f"stage 1: {len(azimuths)} renders -> latents {list(latents.shape)}; fitting the path LoRA "
+              f"({cfg.PTDParams.path_epochs} epochs)")
+        metadata = {**path_metadata(cfg), "init_key": init_key(cfg), "num_views": len(azimuths), "kind": "path"}
+        meta = fit_and_save(cfg, guidance, latents, embeddings, out_dir, cfg.PTDParams.path_epochs, metadata,
+                            resume)
+        report = loss_report(guidance, latents, embeddings, cfg.seed)
+        write_json_atomic(out_dir / "denoising_loss.json", report)
+        plot_denoising_report(report, out_dir / "denoising_loss.png",
+                              f"{cfg.GuidanceParams.text[:60]} ({meta['steps']} steps)")
+        print_report(report)
+        save_config(cfg, run_dir(cfg) / "config_form_path.yaml")
     return out_dir
 
 
@@ -169,8 +186,7 @@ def prior_finetune(cfg: Config, images_dir: Path, prompt: str, out_dir: Path, ov
     """The prior-finetune LoRA (paper Fig. 7): Eq. 6 on a folder of images with one prompt."""
     if not prompt.strip():
         raise RunError("--prompt is empty; give the text that describes the images")
-    if out_dir.exists() and not overwrite:
-        raise RunError(f"prior LoRA {out_dir} exists; pass --overwrite to fit it again")
+    check_output_folder(out_dir, overwrite, "prior LoRA", "pass --out with a new folder")
     device = start_run(cfg)
     c = cfg.GenerateCamParams
     images = load_image_folder(images_dir, (c.image_h, c.image_w), device)
@@ -190,9 +206,7 @@ def main(cfg: Config, *, overwrite: bool = False, images: str | None = None, pro
     if images is not None:
         out_dir = Path(out) if out else run_dir(cfg) / "prior_lora"
         return prior_finetune(cfg, Path(images), prompt or cfg.GuidanceParams.text, out_dir, overwrite)
-    out_dir = form_path(cfg, overwrite, resume)
-    save_config(cfg, run_dir(cfg) / "config_form_path.yaml")
-    return out_dir
+    return form_path(cfg, overwrite, resume)
 
 
 def cli(argv=None) -> int:

@@ -10,6 +10,7 @@ the next stage-1 checkpoint (`checkpoints`, Eq. 7). With `mode: off` no LoRA is 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -30,10 +31,10 @@ from guidance.ptd_utils import PathTracer
 from guidance.sd_utils import StableDiffusionGuidance
 from scene import GaussianModel, OrbitCameraSampler, circle_cameras
 from stages.run import (DONE_MARKER, PATH_ADAPTER, background, check_path_metadata, configure_torch, final_ply_path,
-                        initial_gaussians, load_path_lora, make_guidance, make_sampler, mark_finished, path_lora_dir,
-                        run_entry, scene_extent, validate)
+                        initial_gaussians, load_path_lora, lock_workspace, make_guidance, make_sampler, mark_finished,
+                        path_lora_dir, run_entry, scene_extent, validate)
 from utils.device import resolve_device
-from utils.files import atomic_path
+from utils.files import WriteError, atomic_path, remove_temporaries
 from utils.image_io import save_png, to_uint8, write_video
 from utils.loss_utils import scale_loss, tv_loss
 from utils.rng import rng_state, seed_everything, set_rng_state
@@ -258,40 +259,73 @@ def save_checkpoint(cfg: Config, state: TrainState, iteration: int, keep: int = 
 
 def restore(cfg: Config, state: TrainState) -> int:
     """Load the newest checkpoint into `state`; returns the iteration it was taken after."""
-    ckpts = sorted((run_dir(cfg) / CHECKPOINT_DIR).glob("iteration_*.pt"))
-    if not ckpts:
-        raise RunError(f"--resume: no checkpoint in {run_dir(cfg) / CHECKPOINT_DIR}; start without --resume")
+    ckpts = sorted((run_dir(cfg) / CHECKPOINT_DIR).glob("iteration_*.pt"))  # check_run_folder made sure of one
+    try:  # weights_only: tensors and plain containers only, so a crafted file cannot run code
+        ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unpickling failure means a damaged (or foreign) file
+        raise RunError(f"checkpoint {ckpts[-1]} is unreadable (truncated, or not written by train.py); delete it to "
+                       f"resume from the one before") from None
     try:
-        ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise RunError(f"checkpoint {ckpts[-1]} is unreadable (truncated?); delete it to resume from the one "
-                       f"before") from None
-    state.gaussians.restore(ckpt["gaussians"], cfg.OptimizationParams)
-    state.sampler.load_state_dict(ckpt["sampler"])
-    state.guidance.load_state_dict(ckpt["guidance"])
-    state.gen.set_state(ckpt["aug_generator"])
-    if state.tracer is not None:
-        state.tracer.load_state_dict(ckpt["tracer"])
-    set_rng_state(ckpt["rng"])
-    state.nonfinite_streak = int(ckpt["nonfinite_streak"])
-    return int(ckpt["iteration"])
+        state.gaussians.restore(ckpt["gaussians"], cfg.OptimizationParams)
+        state.sampler.load_state_dict(ckpt["sampler"])
+        state.guidance.load_state_dict(ckpt["guidance"])
+        state.gen.set_state(ckpt["aug_generator"])
+        if state.tracer is not None:
+            state.tracer.load_state_dict(ckpt["tracer"])
+        set_rng_state(ckpt["rng"])
+        state.nonfinite_streak = int(ckpt["nonfinite_streak"])
+        return int(ckpt["iteration"])
+    except (KeyError, TypeError) as err:
+        raise RunError(f"checkpoint {ckpts[-1]} lacks {err} (written by another version of train.py?); delete it "
+                       f"to resume from the one before, or start again with --overwrite") from None
 
 
 def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> None:
-    """Never overwrite a finished or partial stage-2 run silently."""
+    """Never overwrite a finished or partial stage-2 run silently (run with the workspace locked). Temporary files a
+    killed run left behind are removed; empty output folders are not a run."""
     folder = run_dir(cfg)
-    existing = [folder / name for name in STAGE2_OUTPUTS if (folder / name).exists()]
+    remove_temporaries(folder)
+    existing = [folder / name for name in STAGE2_OUTPUTS
+                if (folder / name).is_file() or ((folder / name).is_dir() and any((folder / name).iterdir()))]
+    events = sorted(folder.glob("events.out.tfevents.*"))  # TensorBoard's: an overwritten run starts a clean log
+    checkpoints = sorted((folder / CHECKPOINT_DIR).glob("iteration_*.pt"))
+    if resume and not checkpoints:
+        what = "was stopped before its first checkpoint" if existing else "has no stage-2 run"
+        raise RunError(f"--resume: {folder} {what}: nothing to resume from; start again with --overwrite")
     if existing and not (resume or overwrite):
-        raise RunError(f"run folder {folder} already holds a stage-2 run; pass --resume to continue it or "
-                       f"--overwrite to start again")
+        fix = "--resume to continue it or --overwrite to start again" if checkpoints else \
+            "--overwrite to start again (it has no checkpoint to resume from)"
+        raise RunError(f"run folder {folder} already holds a stage-2 run; pass {fix}")
     if overwrite and not resume:
-        for path in existing:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        discard_outputs(existing + events)
+
+
+def discard_outputs(paths: list[Path]) -> None:
+    """Delete a previous run's outputs all or nothing: each is first renamed to a temporary name (atomic; on a failure
+    the renamed ones are put back and nothing is lost), then deleted; what cannot be deleted stays under a .tmp_ name
+    that the next start removes."""
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for path in paths:
+            aside = path.parent / f".tmp_{path.name}.discarded"
+            os.replace(path, aside)
+            moved.append((path, aside))
+    except OSError as err:
+        for path, aside in reversed(moved):
+            os.replace(aside, path)
+        raise RunError(f"--overwrite: cannot remove {err.filename} ({err.strerror}); nothing was deleted: fix its "
+                       f"permissions or choose another ModelParams.workspace") from None
+    for _, aside in moved:
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- main
 def setup(cfg: Config, device: torch.device) -> TrainState:
-    gaussians = initial_gaussians(cfg, device, create=cfg.PTDParams.mode == "off")
+    # PTD reads stage 1's initial Gaussians; a workspace that reuses another run's path LoRA (PTDParams.path_lora)
+    # builds them again: the path's metadata matched this config's init key, and the build is seeded (Point-E's is
+    # not reproducible: it needs the PLY)
+    create = cfg.PTDParams.mode == "off" or cfg.GenerateCamParams.init_shape != "pointe"
+    gaussians = initial_gaussians(cfg, device, create=create)
     gaussians.training_setup(cfg.OptimizationParams)
     guidance = make_guidance(cfg, device)
     tracer = make_tracer(cfg, guidance)
@@ -307,9 +341,10 @@ def prepare_run(cfg: Config, device: torch.device, resume: bool, overwrite: bool
     if cfg.PTDParams.mode != "off":
         check_path_metadata(cfg)
     saved = run_dir(cfg) / "config.yaml"
-    if resume and saved.is_file() and load_config(saved) != cfg:
+    if resume and not saved.is_file():
+        raise RunError(f"--resume: {run_dir(cfg)} holds no config.yaml of a stage-2 run; start without --resume")
+    if resume and load_config(saved) != cfg:
         raise RunError(f"--resume: this config differs from the run's {saved}; resume with --opt {saved} --resume")
-    check_run_folder(cfg, resume, overwrite)
 
 
 def write_outputs(cfg: Config, state: TrainState, iteration: int, device: torch.device) -> None:
@@ -369,21 +404,25 @@ def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
 
     device = resolve_device(cfg.device)
     prepare_run(cfg, device, resume, overwrite)
-    configure_torch(cfg)
-    state = setup(cfg, device)
-    start = restore(cfg, state) + 1 if resume else 1
-    state.monitor = TrainingMonitor.create(cfg, state.guidance, device, start=start)  # off unless metrics_interval > 0
-    (run_dir(cfg) / DONE_MARKER).unlink(missing_ok=True)  # a resumed run is unfinished until it ends again
-    save_config(cfg, run_dir(cfg) / "config.yaml")
-    writer = SummaryWriter(str(run_dir(cfg)))
-    try:
-        run_loop(cfg, state, start, device, writer)
-    except OSError as err:  # disk full, quota, removed folder: the last checkpoint is intact (atomic writes)
-        raise RunError(f"could not write into {run_dir(cfg)} ({err.strerror or err}); free space and rerun with "
-                       f"--resume") from None
-    finally:
-        writer.close()
-    mark_finished(cfg)
+    with lock_workspace(cfg):  # no other stage writes this workspace meanwhile
+        check_run_folder(cfg, resume, overwrite)
+        configure_torch(cfg)
+        state = setup(cfg, device)
+        start = restore(cfg, state) + 1 if resume else 1
+        state.monitor = TrainingMonitor.create(cfg, state.guidance, device, start=start)  # off: metrics_interval 0
+        (run_dir(cfg) / DONE_MARKER).unlink(missing_ok=True)  # a resumed run is unfinished until it ends again
+        save_config(cfg, run_dir(cfg) / "config.yaml")
+        writer = SummaryWriter(str(run_dir(cfg)))
+        try:
+            run_loop(cfg, state, start, device, writer)
+        except OSError as err:  # disk full, size limit, removed folder: the last checkpoint is intact (atomic)
+            what = str(err) if isinstance(err, WriteError) else f"could not write into {run_dir(cfg)} ({err})"
+            has_checkpoint = any((run_dir(cfg) / CHECKPOINT_DIR).glob("iteration_*.pt"))
+            fix = "rerun with --resume" if has_checkpoint else "rerun with --overwrite (no checkpoint was written yet)"
+            raise RunError(f"{what}; free space or lift the limit, then {fix}") from None
+        finally:
+            writer.close()
+        mark_finished(cfg)
     return final_ply_path(cfg)
 
 

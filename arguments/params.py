@@ -11,21 +11,22 @@ from typing import List, Optional
 
 @dataclass
 class ModelParams:
-    # run folder name: outputs go to <output_root>/<workspace>/
+    # run folder name: outputs go to <output_root>/<workspace>/ (one folder name: no '/', not '', '.' or '..')
     workspace: str = "debug"
     # parent folder of all run folders
     output_root: str = "output"
     # maximum spherical-harmonics degree of the Gaussians' colours (0..3)
     sh_degree: int = 0
-    # cameras sampled per stack; views are popped from it C_batch_size at a time, one fov per stack
+    # cameras sampled per stack (>= 1); views are popped from it C_batch_size at a time, one fov per stack
     batch: int = 10
     # white background for test renders (False: black)
     white_background: bool = True
-    # probability of rendering a training view at SH degree 0
+    # probability (in [0, 1]) of rendering a training view at SH degree 0
     sh_deg_aug_ratio: float = 0.1
-    # probability of swapping the background of a training view (for a random colour or black, 1/2 each: stock)
+    # probability (in [0, 1]) of swapping the background of a training view (for a random colour or black, 1/2 each:
+    # stock)
     bg_aug_ratio: float = 0.5
-    # probability of the render-time scale noise (s + N(0,1) sqrt(0.2) s / 4)
+    # probability (in [0, 1]) of the render-time scale noise (s + N(0,1) sqrt(0.2) s / 4)
     scale_aug_ratio: float = 1.0
 
 
@@ -40,7 +41,7 @@ class PipelineParams:
 
 @dataclass
 class OptimizationParams:
-    # stage-2 iterations
+    # stage-2 iterations (>= 1)
     iterations: int = 5000
     # position lr at iteration 0, times the scene's spatial scale (default_radius)
     position_lr_init: float = 0.00016
@@ -60,7 +61,7 @@ class OptimizationParams:
     rotation_lr: float = 0.001
     # quaternion lr at the last iteration
     rotation_lr_final: float = 0.0002
-    # probability of encoding the normalised disparity instead of RGB (geometry supervision)
+    # probability (in [0, 1]) of encoding the normalised disparity instead of RGB (geometry supervision)
     as_latent_ratio: float = 0.2
     # Gaussians larger than percent_dense * scene extent are split, smaller ones cloned
     percent_dense: float = 0.003
@@ -70,9 +71,9 @@ class OptimizationParams:
     lambda_tv: float = 1.0
     # weight of the loss on the (noised) scales
     lambda_scale: float = 1.0
-    # densify and prune every this many iterations
+    # densify and prune every this many iterations (>= 1; densify_until_iter=0 turns densification off)
     densification_interval: int = 100
-    # reset opacities every this many iterations
+    # reset opacities every this many iterations (>= 1)
     opacity_reset_interval: int = 300
     # first iteration of densification
     densify_from_iter: int = 100
@@ -80,7 +81,7 @@ class OptimizationParams:
     densify_until_iter: int = 3000
     # timestep range and delta anneal over the first warmup_iter iterations
     warmup_iter: int = 1500
-    # first camera relaxation; then every that many iterations
+    # first camera relaxation; then every that many iterations (0: never)
     scale_up_cameras_iter: int = 500
     # radius multiplier at each relaxation
     scale_up_factor: float = 0.95
@@ -97,11 +98,11 @@ class OptimizationParams:
     test_ratio: int = 5
     # frames of each 360-degree video orbit (stock: 120 at the default polar + 120 at 2/3 of it with render_45)
     video_frames: int = 120
-    # frames per second of the videos
+    # frames per second of the videos (>= 1)
     video_fps: int = 30
     # write a resumable checkpoint every this many iterations (0: never)
     checkpoint_interval: int = 500
-    # stop after this many iterations in a row with a non-finite loss or gradient (each one is skipped)
+    # stop after this many iterations in a row with a non-finite loss or gradient (each one is skipped; >= 1)
     max_nonfinite_steps: int = 10
 
 
@@ -137,13 +138,13 @@ class GuidanceParams:
     max_t_range: float = 0.98
     # Score Distillation Sampling instead of Interval Score Matching
     sds: bool = False
-    # seed of the guidance noise generator
+    # seed of the guidance noise generator (0 .. 2^32 - 1)
     noise_seed: int = 0
     # strength of the per-channel offset noise added to the guidance noise
     noise_offset: float = 0.1
-    # interval t - s after warm-up
+    # interval t - s after warm-up (>= 0)
     delta_t: int = 80
-    # interval t - s at iteration 0
+    # interval t - s at iteration 0 (>= 0)
     delta_t_start: int = 100
     # anneal the interval delta over warmup_iter (the timestep upper bound always anneals, as stock)
     annealing_intervals: bool = True
@@ -159,7 +160,7 @@ class GuidanceParams:
     xs_inv_steps: int = 5
     # DDIM eta of the inversion (0: deterministic)
     xs_eta: float = 0.0
-    # views per iteration
+    # views per iteration (>= 1)
     C_batch_size: int = 4
 
 
@@ -171,13 +172,13 @@ class GenerateCamParams:
     init_path: Optional[str] = None
     # text of the Point-E initialisation
     init_prompt: str = ""
-    # number of initial points
+    # number of initial points (1 .. 50 million)
     init_num_pts: int = 100_000
-    # camera distance range at iteration 0
+    # camera distance range at iteration 0 ([min, max], 0 < min < max)
     radius_range: List[float] = field(default_factory=lambda: [5.2, 5.5])
-    # camera distance floors after relaxation
+    # camera distance floors after relaxation ([min, max], 0 < min < max)
     max_radius_range: List[float] = field(default_factory=lambda: [3.5, 5.0])
-    # camera distance of test views and videos
+    # camera distance of test views and videos (> 0)
     default_radius: float = 3.5
     # polar angle range in degrees (0 = top, 90 = horizon)
     theta_range: List[float] = field(default_factory=lambda: [45, 105])
@@ -187,21 +188,21 @@ class GenerateCamParams:
     phi_range: List[float] = field(default_factory=lambda: [-180, 180])
     # azimuth range cap after relaxation
     max_phi_range: List[float] = field(default_factory=lambda: [-180, 180])
-    # vertical field of view range in RADIANS
+    # vertical field of view range in RADIANS ([min, max], 0 < min < max < pi)
     fovy_range: List[float] = field(default_factory=lambda: [0.32, 0.60])
-    # field of view bounds after relaxation (radians)
+    # field of view bounds after relaxation (radians, 0 < min < max < pi)
     max_fovy_range: List[float] = field(default_factory=lambda: [0.16, 0.60])
     # exponent of the radius sampling (1: uniform)
     rand_cam_gamma: float = 1.0
-    # render width in pixels
+    # render width in pixels (a multiple of 8, the VAE factor; at most 8192)
     image_w: int = 512
-    # render height in pixels
+    # render height in pixels (a multiple of 8, the VAE factor; at most 8192)
     image_h: int = 512
     # polar angle of test views and videos (degrees)
     default_polar: float = 90
     # azimuth of the first test view (degrees)
     default_azimuth: float = 0
-    # field of view of test views and videos (radians)
+    # field of view of test views and videos (radians, in (0, pi))
     default_fovy: float = 0.55
     # test views and videos also at 2/3 of the default polar angle (60 degrees for 90: stock)
     render_45: bool = True
@@ -222,27 +223,27 @@ class GenerateCamParams:
 class PTDParams:
     # off (stock LucidDreamer) | weighted (paper Eq. 8) | checkpoints (paper Eq. 7)
     mode: str = "off"
-    # T of Alg. 2: the path LoRA weight reaches 0 at this iteration
+    # T of Alg. 2: the path LoRA weight reaches 0 at this iteration (>= 1)
     total_steps: int = 1000
-    # C of Alg. 2, the "LoRA load strategy": w(iter) = 1 - ((iter - 1) / T)^C
+    # C of Alg. 2, the "LoRA load strategy": w(iter) = 1 - ((iter - 1) / T)^C (> 0)
     power: float = 0.3
-    # LoRA rank (paper App. E: 4)
+    # LoRA rank (paper App. E: 4; >= 1)
     lora_rank: int = 4
     # LoRA alpha (scale = alpha / rank)
     lora_alpha: float = 4.0
     # LoRA learning rate (paper App. E: 1e-4)
     lora_lr: float = 0.0001
-    # epochs of the path LoRA over the rendered views (paper: 200)
+    # epochs of the path LoRA over the rendered views (paper: 200; >= 1)
     path_epochs: int = 200
-    # epochs of the prior-finetune LoRA over an image folder (paper: 400)
+    # epochs of the prior-finetune LoRA over an image folder (paper: 400; >= 1)
     prior_epochs: int = 400
     # views rendered from the initial 3D model to fit the path LoRA (8 at batch 4: 200 epochs = the paper's 400 steps)
     num_views: int = 8
-    # LoRA training batch size
+    # LoRA training batch size (>= 1)
     lora_batch_size: int = 4
-    # save a path checkpoint every this many LoRA steps (Eq. 7 path s^(0..n))
+    # save a path checkpoint every this many LoRA steps (Eq. 7 path s^(0..n); 0: only the last)
     checkpoint_interval: int = 100
-    # checkpoints mode: switch to the previous checkpoint every this many iterations
+    # checkpoints mode: switch to the previous checkpoint every this many iterations (>= 1)
     switch_interval: int = 200
     # checkpoints mode: trace from s^(n-1) (penultimate: paper §4.3, "s^(n-1), s^(n-2), ..., s^(0)") or from s^(n)
     checkpoints_from: str = "penultimate"
@@ -277,13 +278,13 @@ class EvalParams:
     clip_pretrained: str = "openai"
     # azimuths per elevation of the snapshot's evaluation rig (8: the paper's 2 x 8 = 16 views)
     clip_azimuths: int = 8
-    # square render size of the CLIP snapshot in pixels
+    # square render size of the CLIP snapshot in pixels (1 .. 8192)
     clip_resolution: int = 512
 
 
 @dataclass
 class Config:
-    # seed of every random generator of the run
+    # seed of every random generator of the run (0 .. 2^32 - 1)
     seed: int = 0
     # write 360-degree videos
     save_video: bool = True

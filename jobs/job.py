@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from arguments import Config, apply_override, config_from_dict, config_to_dict, run_dir, save_config
-from utils.files import stable_hash, write_json_atomic
+from utils.files import FolderBusy, lock_folder, stable_hash, write_json_atomic
 from utils.prompts import slugify
 
 # the arms known by name; others are defined with --arm NAME Section.key=value ...
@@ -231,17 +231,10 @@ def lock_job(folder: Path):
     kernel drops it when this process dies, SIGKILL included, and the stages (started with close_fds) never hold it.
     Raises JobFailed when another live process holds it: two batches writing the same --out at once."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return open(os.devnull)
-    handle = open(folder / LOCK_FILE, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise JobFailed(f"another process is running this job in {folder} (two batches with the same --out at "
-                        f"once?); let it finish, then run this batch again") from None
-    return handle
+        return lock_folder(folder, LOCK_FILE)
+    except FolderBusy as err:
+        raise JobFailed(f"another process is running this job ({err}: two batches with the same --out at once?); "
+                        f"let it finish, then run this batch again") from None
 
 
 def run_job(job: Job, clip_models: str = "tiny", clip_resolution: int = 512, threads: int = 1) -> dict:

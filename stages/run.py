@@ -3,10 +3,12 @@ anything is written, torch settings, the initial Gaussians (one per config, neve
 camera sampler, the background, and the stage-1 path LoRA (where it lives, what it was made for, loading it)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,17 +19,19 @@ from gaussian_renderer import BackendUnavailableError, resolve_backend
 from guidance.lora_training import load_lora, read_lora_metadata
 from guidance.sd_utils import StableDiffusionGuidance, resolve_model_key
 from scene import GaussianModel, OrbitCameraSampler, initial_point_cloud
-from utils.files import file_hash, stable_hash, write_json_atomic
+from utils.files import FolderBusy, WriteError, file_hash, lock_folder, stable_hash, write_json_atomic
 
 INIT_PLY = "init_points3d.ply"
 INIT_KEY = "init_points3d.json"
 DONE_MARKER = "train_done.json"  # stage 2's completion marker, written last
+LOCK_FILE = ".ptd.lock"  # held by the stage writing the workspace (holds its PID)
 # the peft adapter name of the path LoRA, in both stages
 PATH_ADAPTER = "ptd_path"
 
 __all__ = ["INIT_PLY", "INIT_KEY", "PATH_ADAPTER", "configure_torch", "scene_extent", "init_key",
            "initial_gaussians", "make_guidance", "make_sampler", "background", "path_lora_dir", "path_metadata",
-           "check_path_metadata", "load_path_lora", "final_ply_path", "mark_finished", "finished_ply", "validate",
+           "check_path_metadata", "load_path_lora", "lock_workspace", "final_ply_path", "mark_finished",
+           "finished_ply", "validate",
            "check_writable", "run_entry"]
 
 
@@ -125,6 +129,29 @@ def load_path_lora(cfg: Config, guidance) -> dict:
     return info
 
 
+# ---------------------------------------------------------------------------------------------- the workspace
+@contextlib.contextmanager
+def lock_workspace(cfg: Config) -> Iterator[None]:
+    """The run folder's lock, held by a stage while it writes there (freed when the block ends or the process dies,
+    however it dies): two stages on one workspace would mix their outputs. A busy workspace is a one-line RunError
+    naming the holder's PID. A stage that stopped before writing anything leaves no folder and no lock file behind."""
+    folder = run_dir(cfg)
+    created = [] if folder.exists() else [folder, *[p for p in folder.parents if not p.exists()]]  # inner first
+    try:
+        handle = lock_folder(folder, LOCK_FILE)
+    except FolderBusy as err:
+        raise RunError(f"{err}: another form_path.py or train.py is writing this workspace; wait for it or set "
+                       f"ModelParams.workspace to another name") from None
+    try:
+        with handle:
+            yield
+    finally:
+        if [p.name for p in folder.iterdir()] == [LOCK_FILE]:  # nothing else was written
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            for path in created:  # the folders the lock made, innermost first
+                path.rmdir()
+
+
 # ---------------------------------------------------------------------------------------------- a finished run
 def final_ply_path(cfg: Config) -> Path:
     """Where stage 2 writes its final model: <run>/point_cloud/iteration_<iterations>/point_cloud.ply."""
@@ -178,7 +205,7 @@ def run_entry(fn, *args, **kwargs) -> int:
         fn(*args, **kwargs)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, BackendUnavailableError) as err:  # RunError, ConfigError and the libraries' one-liners
+    except (ValueError, BackendUnavailableError, WriteError) as err:  # RunError, ConfigError, a failed write
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -75,6 +75,10 @@ def test_form_path_then_weighted_and_checkpoints(tmp_path):
     assert len(list((folder / "checkpoints").glob("step_*"))) == meta["steps"]  # checkpoint_interval 1
     assert (folder / "denoising_loss.png").is_file() and (tmp_path / "run" / "init_points3d.ply").is_file()
     train.main(cfg)
+    # the path reused from a new workspace (one command, no stage 1 there): the same run, byte for byte
+    reuse = cfg_for(tmp_path, "PTDParams.mode=weighted", f"PTDParams.path_lora={folder}", workspace="reuse")
+    train.main(reuse)
+    assert final_ply(reuse) == final_ply(cfg)
     cfg_ck = cfg_for(tmp_path, "PTDParams.mode=checkpoints")
     train.main(cfg_ck, overwrite=True)
     assert final_ply(cfg_ck)

@@ -165,3 +165,9 @@ def test_ab_report_from_metrics_files(tmp_path):
     for name, (vit_l, vit_g) in PAPER_TABLE1.items():
         assert f"| {name} | {vit_l:.2f} | {vit_g:.2f} |" in text
     assert [a["label"] for a in report["arms"]] == ["vanilla", "PTD"]
+
+
+def test_resolution_zero_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as err:
+        evaluate.parse_args(["some_run", "--resolution", "0"])
+    assert err.value.code == 2 and "--resolution must be in [1, 8192] pixels" in capsys.readouterr().err

@@ -129,6 +129,27 @@ def test_disk_full_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path, mo
     assert final_ply(cfg) == final_ply(train_reference(tmp_path))
 
 
+@pytest.mark.parametrize("stage", ["train", "form_path"])
+def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path, stage):
+    """ulimit -f: torch.save and safetensors fail with their own exception types; the user gets one line naming the
+    file and the cause, no temporary file is left, and --resume is advised only where a checkpoint exists."""
+    import resource
+
+    def limit():  # 200 kB: config, init PLY and PNGs fit; checkpoints and the LoRA do not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    mode = "PTDParams.mode=off" if stage == "train" else "PTDParams.mode=weighted"
+    out = subprocess.run([sys.executable, f"{stage}.py", "--opt", str(SMOKE), *TINY_RUN, mode, "save_video=false",
+                          "GenerateCamParams.init_num_pts=2000", f"ModelParams.output_root={tmp_path}",
+                          "ModelParams.workspace=limited"], cwd=ROOT, capture_output=True, text=True,
+                         preexec_fn=limit, timeout=600)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and lines[-1].startswith("error: could not write "), out.stderr[-1500:]
+    assert "File too large" in lines[-1] and "Traceback" not in out.stderr and "Errno" not in lines[-1]
+    if stage == "train":
+        assert "--overwrite (no checkpoint was written yet)" in lines[-1]
+    assert not list((tmp_path / "limited").rglob(".tmp_*"))
+
+
 def train_reference(tmp_path):
     ref = cfg_for(tmp_path, "PTDParams.mode=off", workspace="ref8")
     train.main(ref)
@@ -145,6 +166,107 @@ def test_damaged_checkpoint_and_changed_config_on_resume(tmp_path):
     other = cfg_for(tmp_path, "PTDParams.mode=off", "GuidanceParams.guidance_scale=3", workspace="damaged")
     with pytest.raises(ValueError, match="differs from the run's"):
         train.main(other, resume=True)
+
+
+def test_two_processes_never_share_a_workspace(tmp_path):
+    """A stage holds the workspace's lock while it writes; a second stage on it stops with the holder's PID and
+    writes nothing; the lock is free again once the holder dies (SIGKILL included)."""
+    import form_path
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off", workspace="shared")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils.files import lock_folder; "
+                               f"h = lock_folder({str(tmp_path / 'shared')!r}, '.ptd.lock'); print('locked', "
+                               "flush=True); time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for run in (lambda: train.main(cfg), lambda: form_path.main(cfg)):
+            with pytest.raises(ValueError, match=f"in use by another process \\(PID {holder.pid}\\)"):
+                run()
+        assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [".ptd.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(cfg).is_file()
+
+
+def test_overwrite_replaces_only_what_the_project_wrote(tmp_path):
+    import form_path
+    mine = tmp_path / "my_files"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    cfg = cfg_for(tmp_path, "PTDParams.mode=weighted", f"PTDParams.path_lora={mine}", workspace="w")
+    with pytest.raises(ValueError, match="is not a LoRA folder written by form_path.py"):
+        form_path.main(cfg, overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_leftovers_of_a_killed_run_never_send_the_user_in_a_circle(tmp_path):
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off", workspace="left")
+    run = tmp_path / "left"
+    (run / "point_cloud").mkdir(parents=True)  # an empty output folder is not a run
+    (run / ".tmp_config.yaml.0123abcd.yaml").write_text("half")  # a killed atomic write
+    with pytest.raises(ValueError, match="holds no config.yaml of a stage-2 run; start without --resume"):
+        train.main(cfg, resume=True)
+    from arguments import save_config
+    save_config(cfg, run / "config.yaml")  # killed after iteration 1's outputs, before any checkpoint
+    views = run / "test_six_views" / "1_iteration"
+    views.mkdir(parents=True)
+    (views / "render_view_0.png").write_bytes(b"png")
+    with pytest.raises(ValueError, match="before its first checkpoint: nothing to resume from; start again with "
+                                         "--overwrite"):
+        train.main(cfg, resume=True)
+    with pytest.raises(ValueError, match="pass --overwrite to start again \\(it has no checkpoint to resume"):
+        train.main(cfg)
+    assert not list(run.glob(".tmp_*"))  # removed once the workspace was locked
+    assert train.main(cfg, overwrite=True).is_file()
+
+
+def test_overwrite_deletes_all_or_nothing(tmp_path, monkeypatch):
+    outputs = [tmp_path / "point_cloud", tmp_path / "videos", tmp_path / "events.out.tfevents.1"]
+    for path in outputs[:2]:
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "f").write_text("x")
+    outputs[2].write_text("events")
+    real = os.replace
+
+    def stuck(src, dst):  # the second output cannot be moved (an undeletable file, a busy mount, ...)
+        if Path(src) == outputs[1]:
+            raise PermissionError(errno.EACCES, "Permission denied", str(src))
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", stuck)
+    with pytest.raises(ValueError, match="cannot remove .*videos \\(Permission denied\\); nothing was deleted"):
+        train.discard_outputs(outputs)
+    assert all(p.exists() for p in outputs) and not list(tmp_path.glob(".tmp_*"))
+    monkeypatch.setattr(os, "replace", real)
+    train.discard_outputs(outputs)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+class _Payload:
+    """Unpickling this runs code (creates a marker file): what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_unpickles_code(tmp_path):
+    cfg = cfg_for(tmp_path, "PTDParams.mode=off", workspace="crafted")
+    train.main(cfg)
+    marker = tmp_path / "pwned"
+    ckpt = sorted((tmp_path / "crafted" / "checkpoints").glob("*.pt"))[-1]
+    good = torch.load(ckpt, weights_only=True)  # what train.py writes loads without unpickling code
+    torch.save({**good, "extra": _Payload(marker)}, ckpt)
+    with pytest.raises(ValueError, match="unreadable .*not written by train.py") as err:
+        train.main(cfg, resume=True)
+    assert not marker.exists() and "\n" not in str(err.value)
+    torch.save({k: v for k, v in good.items() if k != "sampler"}, ckpt)
+    with pytest.raises(ValueError, match="lacks 'sampler'"):
+        train.main(cfg, resume=True)
+    (tmp_path / "crafted" / "config.yaml").unlink()
+    with pytest.raises(ValueError, match="holds no config.yaml"):
+        train.main(cfg, resume=True)
 
 
 def test_stage1_resumes_to_the_same_lora(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def test_background_augmentation_is_stocks_colour_or_black(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- 2. depth gradient
 def one_gaussian(depth_grad: str, renderer):
-    """One Gaussian in front of the camera: (d sum(depth) / d mean, d sum(alpha) / d mean, z, sum(alpha), dz / d mean)."""
+    """One Gaussian in front of the camera: (d sum(depth)/d mean, d sum(alpha)/d mean, z, sum(alpha), dz/d mean)."""
     model = GaussianModel(0, dtype=torch.float64)
     model.create_from_pcd(np.array([[0.1, 0.2, -0.1]]), np.array([[0.3, 0.6, 0.9]]), 1.0)
     with torch.no_grad():

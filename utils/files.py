@@ -12,6 +12,56 @@ from pathlib import Path
 from typing import Iterator
 
 
+class WriteError(OSError):
+    """A write failed (no space, file-size limit, permissions, read-only disk, ...): names the file and the cause."""
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """OSError, or what libraries make of one: torch.save's RuntimeError ("PytorchStreamWriter failed writing"),
+    safetensors' SafetensorError."""
+    return isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
+
+
+def _diagnose(written: Path | None) -> str | None:
+    """The likely cause of a library's vague write error: the file-size limit (ulimit -f) reached, or a full disk."""
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if written is not None and limit != resource.RLIM_INFINITY:
+            sizes = [p.stat().st_size for p in ([written] if written.is_file() else written.rglob("*")) if p.is_file()]
+            if sizes and max(sizes) >= limit:
+                return f"File too large: the file-size limit (ulimit -f) of {limit} bytes was reached"
+        stat = os.statvfs(written.parent if written is not None else ".")
+        if stat.f_bavail * stat.f_frsize < (1 << 20):
+            return "No space left on device"
+    except (ImportError, OSError):
+        pass
+    return None
+
+
+def _write_error(path: Path, err: BaseException, written: Path | None = None) -> WriteError:
+    """One line naming the file and the real cause (libraries wrap ENOSPC/EFBIG in their own messages)."""
+    if isinstance(err, OSError) and err.strerror:
+        cause = err.strerror
+    else:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = _diagnose(written) or f"{type(err).__name__}: {lines[-1] if lines else ''}"
+    return WriteError(f"could not write {path} ({cause})")
+
+
+@contextlib.contextmanager
+def _as_write_error(target: Path, written: Path) -> Iterator[None]:
+    """Write failures inside the block (whatever a library made of them) become one WriteError naming `target`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except BaseException as err:
+        if _is_write_failure(err):
+            raise _write_error(target, err, written) from err
+        raise
+
+
 def _temp_name(path: Path, suffix: str = "") -> Path:
     return path.parent / f".tmp_{path.name}.{secrets.token_hex(6)}{suffix}"
 
@@ -31,8 +81,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         except FileExistsError:  # pragma: no cover - 48 random bits
             continue
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _as_write_error(path, tmp):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -46,9 +97,13 @@ def atomic_folder(folder: str | os.PathLike, keep_existing: bool = False) -> Ite
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(folder)
-    os.mkdir(tmp, 0o777)
     try:
-        yield tmp
+        os.mkdir(tmp, 0o777)
+    except OSError as err:
+        raise _write_error(folder, err) from err
+    try:
+        with _as_write_error(folder, tmp):
+            yield tmp
         if keep_existing:
             try:
                 os.rename(tmp, folder)  # refuses to replace a non-empty folder
@@ -65,6 +120,44 @@ def atomic_folder(folder: str | os.PathLike, keep_existing: bool = False) -> Ite
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders `atomic_path` / `atomic_folder` left under `folder` when their process
+    was killed mid-write (call with the folder locked: nobody else is writing). Returns what was removed."""
+    found = [p for p in Path(folder).rglob(".tmp_*") if p.exists()]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return found
+
+
+class FolderBusy(ValueError):
+    """Another live process holds the folder's lock; the message names its PID."""
+
+
+def lock_folder(folder: str | os.PathLike, name: str = ".lock"):
+    """An exclusive lock on `folder` (flock on <folder>/<name>, which then holds the holder's PID), held while the
+    returned file is open; the kernel drops it when the process dies, SIGKILL included. Child processes started with
+    close_fds (subprocess's default) do not inherit it. Raises FolderBusy naming the holder when it is taken."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        return open(os.devnull)
+    handle = open(folder / name, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise FolderBusy(f"{folder} is in use by another process (PID {holder})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
