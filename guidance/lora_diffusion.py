@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from utils.files import atomic_path
+from utils.files import atomic_path, canonical_safetensors
 
 FILE_NAME = "lora_diffusion.safetensors"  # beside diffusers' file in a LoRA folder (form_path.py)
 EMBED_FLAG = "<embed>"
@@ -100,6 +100,7 @@ def save_lora_diffusion(path: str | os.PathLike, unet: torch.nn.Module, adapter_
         metadata[f"unet:{i}:rank"] = str(a.shape[0])
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata)
+        canonical_safetensors(tmp)  # the same bytes for the same run
     return Path(path)
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from utils.files import atomic_folder
+from utils.files import atomic_folder, canonical_safetensors
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
 METADATA_NAME = "ptd_path.json"
@@ -252,6 +252,7 @@ def save_lora(folder: str | os.PathLike, unet: torch.nn.Module, adapter_name: st
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(state), weight_name=WEIGHT_NAME,
             unet_lora_adapter_metadata=adapter)
+        canonical_safetensors(tmp / WEIGHT_NAME)  # the same bytes for the same run
         (tmp / METADATA_NAME).write_text(text)
         if lora_diffusion:
             from guidance.lora_diffusion import FILE_NAME, save_lora_diffusion

@@ -147,6 +147,14 @@ def test_save_load_round_trip_through_a_stock_pipeline(unet, tiny_path, data, tm
         adapter = json.loads(f.metadata()["lora_adapter_metadata"])
     assert adapter["unet.target_modules"] == sorted(adapter["unet.target_modules"]) == ["to_k", "to_out.0", "to_q",
                                                                                          "to_v"]
+    again = save_lora(tmp_path / "again", unet, "ptd_path", metadata={"prompt": "a hamburger", "steps": 40,
+                                                                      "losses": [1.0, 0.5], "init_hash": "ab"},
+                      lora_diffusion=True)
+    folder2 = save_lora(tmp_path / "again2", unet, "ptd_path", metadata={"prompt": "a hamburger", "steps": 40,
+                                                                         "losses": [1.0, 0.5], "init_hash": "ab"},
+                        lora_diffusion=True)
+    for name in (WEIGHT_NAME, "lora_diffusion.safetensors"):  # safetensors' metadata map has no fixed order: sorted
+        assert (again / name).read_bytes() == (folder2 / name).read_bytes()
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_path)
     pipe.load_lora_weights(str(folder), adapter_name="ptd_path")  # the stock call other forks use

@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -120,6 +121,21 @@ def atomic_folder(folder: str | os.PathLike, keep_existing: bool = False) -> Ite
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def canonical_safetensors(path: str | os.PathLike) -> None:
+    """Rewrite a .safetensors file's JSON header with sorted keys, in place: the library writes its metadata from a
+    hash map whose order changes from process to process, so identical runs would differ in their bytes. The tensor
+    bytes and their offsets (relative to the header's end) are unchanged; the header stays padded to 8 bytes."""
+    path = Path(path)
+    blob = path.read_bytes()
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + size:])
 
 
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
