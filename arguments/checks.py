@@ -17,7 +17,7 @@ from arguments.params import Config, GuidanceParams
 PTD_MODES = ("off", "weighted", "checkpoints")
 DENSIFY_STATS = ("last", "all")
 DEPTH_GRADS = ("alpha", "full")
-DEVICE_TYPES = ("cpu", "cuda")
+DEVICE_TYPES = ("cpu", "cuda")  # gpu-only: the device kinds a run may name (a config value, not a placement)
 # render sizes must divide by the VAE's downsampling factor (Stable Diffusion's and the tiny prior's: 8)
 VAE_FACTOR = 8
 # sizes refused before they become a MemoryError deep in a run
