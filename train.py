@@ -30,9 +30,9 @@ from guidance.lora_training import read_lora_state_dict
 from guidance.ptd_utils import PathTracer
 from guidance.sd_utils import StableDiffusionGuidance
 from scene import GaussianModel, OrbitCameraSampler, circle_cameras
-from stages.run import (DONE_MARKER, PATH_ADAPTER, background, check_path_metadata, configure_torch, final_ply_path,
-                        initial_gaussians, load_path_lora, lock_workspace, make_guidance, make_sampler, mark_finished,
-                        path_lora_dir, run_entry, scene_extent, validate)
+from stages.run import (DONE_MARKER, PATH_ADAPTER, background, check_path_metadata, configure_torch, describe_run,
+                        final_ply_path, initial_gaussians, load_path_lora, lock_workspace, make_guidance, make_sampler,
+                        mark_finished, path_lora_dir, run_entry, scene_extent, validate)
 from utils.device import resolve_device
 from utils.files import WriteError, atomic_path, remove_temporaries
 from utils.image_io import save_png, to_uint8, write_video
@@ -411,7 +411,9 @@ def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
         start = restore(cfg, state) + 1 if resume else 1
         state.monitor = TrainingMonitor.create(cfg, state.guidance, device, start=start)  # off: metrics_interval 0
         (run_dir(cfg) / DONE_MARKER).unlink(missing_ok=True)  # a resumed run is unfinished until it ends again
-        save_config(cfg, run_dir(cfg) / "config.yaml")
+        ran = describe_run(cfg, state.guidance, device)
+        print(f"stage 2: {ran}", file=sys.stderr)
+        save_config(cfg, run_dir(cfg) / "config.yaml", comment=ran)
         writer = SummaryWriter(str(run_dir(cfg)))
         try:
             run_loop(cfg, state, start, device, writer)

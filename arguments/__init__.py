@@ -290,9 +290,11 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically (loads back with --opt)."""
-    write_text_atomic(path, yaml.dump(config_to_dict(cfg), Dumper=_Yaml12Dumper, sort_keys=False))
+def save_config(cfg: Config, path: str | os.PathLike, comment: str = "") -> None:
+    """Write the resolved config as YAML, atomically (loads back with --opt); `comment` (e.g. what ran: rasteriser,
+    model, precision) goes on top as YAML comment lines, which loading ignores."""
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    write_text_atomic(path, header + yaml.dump(config_to_dict(cfg), Dumper=_Yaml12Dumper, sort_keys=False))
 
 
 def run_dir(cfg: Config) -> Path:

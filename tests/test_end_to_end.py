@@ -62,6 +62,8 @@ def test_vanilla_train_writes_stock_outputs(tmp_path):
         sorted(f"render_view_{k}.png" for k in range(16))
     assert list(run.glob("events.out.tfevents.*")) and (run / "config.yaml").is_file()
     assert load_config(run / "config.yaml") == cfg  # the saved config loads back
+    first = (run / "config.yaml").read_text().splitlines()[0]  # what ran, on top as a comment
+    assert first.startswith("# ran with: rasteriser torch, prior tiny (") and ", float32, device cpu, torch " in first
     assert not (run / "path_lora").exists()  # vanilla touches no LoRA
 
 

@@ -215,6 +215,31 @@ def test_batched_encode_sample_and_mean(tiny_path):
     assert torch.equal(mean, expected * g.vae.config.scaling_factor)
 
 
+def test_hub_ids_resolve_from_the_cache_then_download_unless_offline(tmp_path, monkeypatch):
+    """Cached first; offline (tests, CI) never downloads; online the pipeline's files are downloaded on first use, and
+    the stock SD 2.1-base id, which the hub no longer serves, falls back to its mirror."""
+    import huggingface_hub
+
+    from guidance.sd_utils import MIRROR_MODEL_ID, PIPELINE_FILES, STOCK_MODEL_ID
+    calls = []
+
+    def fake_download(repo, cache_dir=None, local_files_only=False, allow_patterns=None):
+        calls.append((repo, local_files_only))
+        if local_files_only or repo == STOCK_MODEL_ID:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached") if local_files_only else \
+                OSError("404 Client Error: Repository Not Found")
+        assert allow_patterns == PIPELINE_FILES
+        return str(tmp_path / repo)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    with pytest.raises(ValueError, match="unset HF_HUB_OFFLINE to download it"):
+        resolve_model_key(STOCK_MODEL_ID)  # conftest sets HF_HUB_OFFLINE=1
+    assert calls == [(STOCK_MODEL_ID, True), (MIRROR_MODEL_ID, True)]
+    calls.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve_model_key(STOCK_MODEL_ID) == str(tmp_path / MIRROR_MODEL_ID)
+    assert calls == [(STOCK_MODEL_ID, True), (MIRROR_MODEL_ID, True), (STOCK_MODEL_ID, False), (MIRROR_MODEL_ID, False)]
+
+
 def test_bad_inputs_raise_one_line_errors(tiny_path):
     with pytest.raises(ValueError, match="GuidanceParams.text is empty") as err:
         StableDiffusionGuidance(GuidanceParams(model_key=str(tiny_path)), "cpu", warmup_iter=1500)
