@@ -139,7 +139,7 @@ def print_measured(cfg, run: dict) -> float:
 
 # ---------------------------------------------------------------------------------------------- B. extrapolated
 def unit_costs(cfg, run: dict) -> dict:
-    (s1, n1), (s2, _) = run["stage1"], run["stage2"]
+    (s1, _), (s2, _) = run["stage1"], run["stage2"]
     p = cfg.PTDParams
     steps = p.path_epochs * math.ceil(p.num_views / p.lora_batch_size)
     return {"setup1": s1["make_guidance"] + s1["initial_gaussians"],
