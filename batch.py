@@ -2,19 +2,21 @@
 
     python batch.py --prompts FILE.txt|FILE.json:KEY --opt configs/x.yaml [Section.key=value ...]
                     [--arms vanilla,ptd] [--arm NAME Section.key=value ...] [--seeds 0,1 | 0-4] [--out DIR]
-                    [--address auto|ray://HOST:10001 | --local] [--workers N] [--cpus-per-job N] [--gpus-per-job N]
-                    [--max-retries 3] [--clip-models NAME:PRETRAINED,...|tiny|none] [--clip-resolution 512]
-                    [--baseline ARM] [--limit N] [--list]
+                    [--address auto|ray://HOST:10001 | --local] [--workers N] [--cpus-per-job N]
+                    [--gpus-per-job N|0.25] [--max-retries 3] [--clip-models NAME:PRETRAINED,...|tiny|none]
+                    [--clip-resolution 512] [--baseline ARM] [--limit N] [--list]
 
 Each job (jobs/job.py) runs form_path (PTD arms) + train + evaluate --matching-loss in its own workspace
-<out>/runs/<prompt>__<arm>__s<seed>__<config hash>. Jobs are Ray tasks (one GPU each when the cluster has GPUs, else
---cpus-per-job CPUs) on the cluster at --address, or on a local Ray instance sized to this machine (--workers caps
-it); --local runs them one after another in this process, without Ray. A finished job (done marker) is skipped, an
-interrupted one resumes from its checkpoint (Ray retries a job whose stage was killed; a rerun of the same command
-resumes the rest), and a failing job is reported, never stops the batch. Arms: vanilla (PTDParams.mode=off, stock
-LucidDreamer), ptd (mode=weighted), ptd-checkpoints, or any `--arm NAME overrides...` (its overrides end at the next
-option; the batch-wide overrides go right after --opt). Writes <out>/results.csv, results.md (per job, the A/B
-summary, the paper's Table 1 beside it) and results.json. Exit code 0 when every job is done, 1 when some failed.
+<out>/runs/<prompt>__<arm>__s<seed>__<config hash>. Jobs are Ray tasks (one GPU each when the cluster has GPUs, or
+--gpus-per-job: 0.25 packs four on a GPU; else --cpus-per-job CPUs) on the cluster at --address, or on a local Ray
+instance sized to this machine (--workers caps it); --local runs them one after another in this process, without Ray.
+A finished job (done marker) is skipped, an interrupted one resumes from its checkpoint (Ray retries a job whose stage
+was killed; a rerun of the same command resumes the rest), and a failing job is reported, never stops the batch. Arms:
+vanilla (PTDParams.mode=off, stock LucidDreamer), ptd (mode=weighted), ptd-checkpoints, or any `--arm NAME
+overrides...` (its overrides end at the next option; the batch-wide overrides go right after --opt). Writes
+<out>/results.csv, results.md (per job, the A/B summary, the paper's Table 1 beside it), results.json and gallery.html
+(each prompt's arms' 360-degree videos side by side with their numbers; self-contained, open it as a file). Exit code
+0 when every job is done, 1 when some failed.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from evaluation.clip import PAPER_MODELS, parse_clip_models
 from jobs.job import (PROJECT_ROOT, JobInterrupted, done_row, evaluation_settings, failed_row, lost_row, make_jobs,
                      parse_arms, parse_seeds, run_job, running_jobs)
 from jobs.report import summarize, write_results
+from jobs.resources import gpu_slots, jobs_per_gpu, parse_gpus_per_job
 from stages.run import check_writable, run_entry
 from utils.prompts import read_prompts
 
@@ -49,7 +52,7 @@ class BatchOptions:
     local: bool = False
     workers: int | None = None
     cpus_per_job: int | None = None
-    gpus_per_job: int | None = None
+    gpus_per_job: float | None = None  # a share of one GPU (0.25) or whole GPUs, as Ray's num_gpus
     max_retries: int = 3
     clip_models: str = ",".join(f"{n}:{p}" for n, p in PAPER_MODELS)
     clip_resolution: int = 512
@@ -121,21 +124,32 @@ def start_ray(options: BatchOptions):
     return ray
 
 
-def job_resources(cluster: dict, options: BatchOptions) -> tuple[int, int]:
-    """(CPUs, GPUs) of one job: one GPU each when the cluster has GPUs, unless --gpus-per-job says otherwise."""
+def job_resources(cluster: dict, options: BatchOptions) -> tuple[int, float]:
+    """(CPUs, GPUs) of one job: one GPU each when the cluster has GPUs, unless --gpus-per-job says otherwise (a
+    share of a GPU, or whole GPUs)."""
     gpus = options.gpus_per_job if options.gpus_per_job is not None else int(cluster.get("GPU", 0) >= 1)
     cpus = options.cpus_per_job or 1
-    if gpus > cluster.get("GPU", 0) or cpus > cluster.get("CPU", 0):
+    if (gpus and not gpu_slots(int(cluster.get("GPU", 0)), gpus)) or cpus > cluster.get("CPU", 0):
         raise RunError(f"a job asks for {cpus} CPUs and {gpus} GPUs but the Ray cluster has {cluster.get('CPU', 0):g} "
                        f"CPUs and {cluster.get('GPU', 0):g} GPUs; lower --cpus-per-job/--gpus-per-job")
     return cpus, gpus
+
+
+def jobs_at_once(cluster: dict, cpus: int, gpus: float) -> int:
+    """How many jobs of (cpus, gpus) the cluster runs at once, its resources counted as one machine's (across nodes,
+    an upper bound): a share f of a GPU puts floor(1 / f) jobs on each GPU."""
+    by_cpus = int(cluster.get("CPU", 0)) // cpus
+    return min(by_cpus, len(gpu_slots(int(cluster.get("GPU", 0)), gpus))) if gpus else by_cpus
 
 
 def run_ray(jobs: list, options: BatchOptions, runs_root: Path, bar) -> dict:
     """The jobs as Ray tasks; Ray retries a task whose stage was killed (JobInterrupted) or whose worker died."""
     ray = start_ray(options)
     try:
-        cpus, gpus = job_resources(ray.cluster_resources(), options)
+        cluster = ray.cluster_resources()
+        cpus, gpus = job_resources(cluster, options)
+        print(f"Ray: {cpus} CPUs and {gpus:g} GPUs per job, at most {jobs_at_once(cluster, cpus, gpus)} jobs at once"
+              + (f" ({jobs_per_gpu(gpus)} per GPU)" if 0 < gpus < 1 else ""), file=sys.stderr)
         task = ray.remote(run_job).options(num_cpus=cpus, num_gpus=gpus, max_retries=options.max_retries,
                                            retry_exceptions=[JobInterrupted])
         started = time.time()
@@ -194,11 +208,18 @@ def main(cfg: Config, options: BatchOptions) -> int:
               f"{time.strftime('%Y-%m-%d %H:%M')}; CLIP: {options.clip_models}, {options.clip_resolution} px"]
     write_results(out, ordered, summary, header)
     failed = [row for row in ordered if row["status"] != "done"]
-    print(f"results: {out / 'results.md'} (+ results.csv, results.json); {len(ordered) - len(failed)} done, "
-          f"{len(failed)} failed")
+    print(f"results: {out / 'results.md'} (+ results.csv, results.json, gallery.html); "
+          f"{len(ordered) - len(failed)} done, {len(failed)} failed")
     for row in failed:
         print(f"failed: {row['job']}: {row['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _gpus_per_job(text: str) -> float:
+    try:
+        return parse_gpus_per_job(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None  # argparse shows the reason, not "invalid value"
 
 
 def cli(argv=None) -> int:
@@ -216,7 +237,9 @@ def cli(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="local Ray instance: at most N jobs at once")
     parser.add_argument("--cpus-per-job", type=int, default=None,
                         help="CPUs (and torch threads) per job (default 1 on Ray, all cores with --local)")
-    parser.add_argument("--gpus-per-job", type=int, default=None, help="default 1 when the cluster has GPUs, else 0")
+    parser.add_argument("--gpus-per-job", type=_gpus_per_job, default=None,
+                        help="Ray's num_gpus of a job: a share of one GPU (0.25: four jobs per GPU), whole GPUs "
+                        "(2) or 0 (none); default 1 when the cluster has GPUs, else 0")
     parser.add_argument("--max-retries", type=int, default=BatchOptions.max_retries,
                         help="retries of a job whose stage was killed")
     parser.add_argument("--clip-models", default=BatchOptions.clip_models,
@@ -232,8 +255,11 @@ def cli(argv=None) -> int:
     if args.local and args.address:
         parser.error("--local runs without Ray; drop --address")
     if min(v for v in (args.workers, args.cpus_per_job, args.limit, 1) if v is not None) < 1 or \
-            args.max_retries < 0 or (args.gpus_per_job or 0) < 0:
-        parser.error("--workers, --cpus-per-job and --limit must be >= 1; --max-retries and --gpus-per-job >= 0")
+            args.max_retries < 0:
+        parser.error("--workers, --cpus-per-job and --limit must be >= 1; --max-retries >= 0")
+    if args.local and args.gpus_per_job is not None:
+        parser.error("--gpus-per-job is Ray's share of a GPU per job; --local runs one job at a time on this "
+                     "machine's devices: drop it")
     if (args.local or args.address) and args.workers:
         parser.error("--workers sizes the local Ray instance; it has no effect with --local or --address")
     if args.clip_resolution < 1:

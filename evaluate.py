@@ -17,7 +17,8 @@ RUN_OR_FOLDER).
 
 A/B (`--ab`): matching loss and CLIP snapshot vs iteration from each run's metrics.jsonl (train with
 EvalParams.metrics_interval=K) in <out>/ab_report.png, final numbers in ab_report.md next to the paper's Table 1
-(quoted, labelled as such); with --clip-models the final PLYs are also scored by the protocol.
+(quoted, labelled as such); with --clip-models the final PLYs are also scored by the protocol. <out>/gallery.html
+shows both runs' final 360-degree videos side by side with those numbers and the plot (links relative to <out>).
 """
 from __future__ import annotations
 
@@ -179,8 +180,8 @@ def evaluate_runs(path: str | Path, *, clip_models: str | None = None, matching_
 def ab_report(vanilla: str | Path, ptd: str | Path, *, out: str | Path | None = None, clip_models: str | None = None,
               matching_loss: bool = False, resolution: int = 512, device: str = "auto",
               backend: str = "auto") -> dict:
-    """The A/B report of two runs (<out>/ab_report.{png,md,json}); with `clip_models` also the protocol scores of
-    their final PLYs (the other arguments as in evaluate_runs)."""
+    """The A/B report of two runs (<out>/ab_report.{png,md,json}, gallery.html); with `clip_models` also the protocol
+    scores of their final PLYs (the other arguments as in evaluate_runs)."""
     vanilla, ptd = Path(vanilla), Path(ptd)
     out = Path(out) if out else ptd.parent / f"ab_{vanilla.name}_vs_{ptd.name}"
     protocol = None

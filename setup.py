@@ -9,16 +9,23 @@ setup(
     # the library packages only: the entry scripts (train.py, form_path.py, evaluate.py, probe_ood.py, batch.py) run
     # from the checkout, as in LucidDreamer, so that nothing installed shadows a common module name (`evaluate`)
     packages=find_packages(include=["arguments", "scene", "gaussian_renderer", "guidance", "stages", "evaluation",
-                                    "jobs", "utils"]),
+                                    "jobs", "utils", "toyworld"]),
+    # the toy world's trained prior and CLIP (model_key: toy, --clip-models toy)
+    package_data={"toyworld": ["weights/*/*", "weights/*/*/*"]},
+    # the Hugging Face minimums are the releases bench/oldest_deps.sh runs the LoRA and half-precision tests against:
+    # diffusers 0.34 stores lora_alpha in LoRA files (guidance/hf_compat.py), and needs peft >= 0.15 itself; peft 0.15
+    # needs accelerate >= 0.32, accelerate < 0.34 caps numpy below 2, and accelerate 0.34 needs safetensors >= 0.4.3
     install_requires=[
         "torch>=2.1",
-        "diffusers>=0.32",
-        "transformers>=4.44",
-        "peft>=0.13",
-        "accelerate>=0.30",
-        "safetensors>=0.4",
+        "diffusers>=0.34",
+        "transformers>=4.44.2",
+        "peft>=0.15",
+        "accelerate>=0.34.2",
+        "huggingface_hub>=0.27",
+        "safetensors>=0.4.3",
         "plyfile>=1.0",
         "trimesh>=4.0",
+        "scikit-image>=0.19",  # marching cubes of the mesh export (export_mesh.py, save_mesh)
         "scipy>=1.10",
         "open_clip_torch>=2.24",
         "imageio>=2.31",

@@ -30,12 +30,14 @@ from guidance.lora_training import read_lora_state_dict
 from guidance.ptd_utils import PathTracer
 from guidance.sd_utils import StableDiffusionGuidance
 from scene import GaussianModel, OrbitCameraSampler, circle_cameras
+from scene.mesh_export import MESH_FILES
+from stages.mesh import export_run_mesh
 from stages.run import (DONE_MARKER, PATH_ADAPTER, background, check_path_metadata, configure_torch, describe_run,
                         final_ply_path, initial_gaussians, load_path_lora, lock_workspace, make_guidance, make_sampler,
                         mark_finished, path_lora_dir, run_entry, scene_extent, validate)
 from utils.device import resolve_device
 from utils.files import WriteError, atomic_path, remove_temporaries
-from utils.image_io import save_png, to_uint8, write_video
+from utils.image_io import image_grid, save_png, to_uint8, write_video
 from utils.loss_utils import scale_loss, tv_loss
 from utils.rng import rng_state, seed_everything, set_rng_state
 
@@ -45,8 +47,10 @@ MIN_OPACITY = 0.005
 MAX_SCREEN_SIZE = 20
 # SH degree goes up every this many iterations (stock)
 SH_UP_INTERVAL = 500
+# test views per orbit (stock: 8 azimuths, at the default polar and, with render_45, at 2/3 of it)
+TEST_AZIMUTHS = 8
 CHECKPOINT_DIR = "checkpoints"
-STAGE2_OUTPUTS = ("point_cloud", "videos", "test_six_views", CHECKPOINT_DIR, DONE_MARKER)
+STAGE2_OUTPUTS = ("point_cloud", "videos", "test_six_views", CHECKPOINT_DIR, DONE_MARKER, *MESH_FILES)
 
 
 @dataclass
@@ -202,15 +206,34 @@ def view_images(cfg: Config, cam, gaussians, bg: torch.Tensor) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def save_test_views(cfg: Config, gaussians, iteration: int, device: torch.device) -> None:
+def save_test_views(cfg: Config, gaussians, iteration: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Stock's test views (8 azimuths at the default polar and, with render_45, 8 at 2/3 of it: 16) and their depth
-    pictures, as render_view_<uid>.png and render_depth_<uid>.png."""
+    pictures, as render_view_<uid>.png and render_depth_<uid>.png. Returns them stacked: [N, 3, H, W], [N, 1, H, W]."""
     folder = run_dir(cfg) / "test_six_views" / f"{iteration}_iteration"  # stock's folder name (it holds 16)
     bg = background(cfg, device)
-    for cam in circle_cameras(cfg.GenerateCamParams, 8, cfg.GenerateCamParams.render_45, device=device):
+    images, depths = [], []
+    c = cfg.GenerateCamParams
+    for cam in circle_cameras(c, TEST_AZIMUTHS, c.render_45, device=device):
         image, depth = view_images(cfg, cam, gaussians, bg)
         save_png(image, folder / f"render_view_{cam.uid}.png")
         save_png(depth, folder / f"render_depth_{cam.uid}.png")
+        images.append(image)
+        depths.append(depth)
+    return torch.stack(images), torch.stack(depths)
+
+
+def log_test_views(writer, images: torch.Tensor, depths: torch.Tensor, iteration: int) -> None:
+    """The test views and their depth pictures in TensorBoard (tags test/rgb, test/depth): one grid each, a row per
+    orbit of TEST_AZIMUTHS views (the default polar, then 2/3 of it with render_45).
+
+    Args:
+        images: [N, 3, H, W] in [0, 1].
+        depths: [N, 1, H, W] in [0, 1] (shown grey).
+    """
+    for tag, pictures in (("test/rgb", images), ("test/depth", depths)):
+        grid = image_grid(pictures.detach().float().clamp(0, 1).cpu(), TEST_AZIMUTHS)  # [3, rows H, 8 W]
+        writer.add_image(tag, grid, iteration)
 
 
 @torch.no_grad()
@@ -347,12 +370,15 @@ def prepare_run(cfg: Config, device: torch.device, resume: bool, overwrite: bool
         raise RunError(f"--resume: this config differs from the run's {saved}; resume with --opt {saved} --resume")
 
 
-def write_outputs(cfg: Config, state: TrainState, iteration: int, device: torch.device) -> None:
-    """Test views, PLY and videos due at this iteration (each written atomically)."""
+def write_outputs(cfg: Config, state: TrainState, iteration: int, device: torch.device, writer=None) -> None:
+    """Test views (also into TensorBoard's `writer` when given), PLY and videos due at this iteration (each file
+    written atomically)."""
     o = cfg.OptimizationParams
     with torch.no_grad():
         if iteration in state.tests:  # stock: test views and videos at the test iterations
-            save_test_views(cfg, state.gaussians, iteration, device)
+            images, depths = save_test_views(cfg, state.gaussians, iteration, device)
+            if writer is not None:
+                log_test_views(writer, images, depths, iteration)
             if cfg.save_video:
                 save_video(cfg, state.gaussians, iteration, device)
         if iteration in set(o.save_iterations) | {o.iterations}:
@@ -385,7 +411,7 @@ def run_loop(cfg: Config, state: TrainState, start: int, device: torch.device, w
                                f"(last: {iteration}) and were skipped; stopping. The last good checkpoint is kept in "
                                f"{run_dir(cfg) / CHECKPOINT_DIR}: lower the learning rates or lambda_guidance, then "
                                f"--resume")
-            write_outputs(cfg, state, iteration, device)
+            write_outputs(cfg, state, iteration, device, writer)
             if (o.checkpoint_interval > 0 and iteration % o.checkpoint_interval == 0) or interrupted:
                 save_checkpoint(cfg, state, iteration)
             if interrupted:
@@ -425,6 +451,8 @@ def main(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
         finally:
             writer.close()
         mark_finished(cfg)
+        if cfg.save_mesh:  # after the marker: a failed export leaves a finished run that export_mesh.py can mesh
+            export_run_mesh(cfg, state.gaussians)
     return final_ply_path(cfg)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import yaml
 
 from arguments.errors import ConfigError, RunError
+from arguments.help import config_help
 from arguments.params import (RETIRED, STOCK_UNUSED, Config, EvalParams, GenerateCamParams, GuidanceParams, ModelParams,
                               OptimizationParams, PipelineParams, PTDParams)
 from utils.files import write_text_atomic
@@ -310,6 +311,10 @@ def parse_cli(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> tu
     an override meant for the whole run goes before it, or after a later flag."""
     parser.add_argument("--opt", type=str, default=None, help="YAML config (LucidDreamer layout)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. GuidanceParams.guidance_scale=5")
+    # every config key with its default and doc line, after the flags (kept as laid out: raw epilog)
+    parser.epilog = "\n\n".join(filter(None, [parser.epilog, config_help()]))
+    if parser.formatter_class is argparse.HelpFormatter:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
     try:
         args = parser.parse_intermixed_args(argv)
     except TypeError:  # a parser argparse cannot intermix (REMAINDER, a positional in an exclusive group)

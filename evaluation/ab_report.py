@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from arguments import RunError, load_config
+from evaluation.gallery import GALLERY_FILE, GalleryCell, GalleryRow, final_video, gallery_html, href
 from evaluation.monitor import METRICS_FILE, read_metrics
 from evaluation.plots import plot_ab
 from stages.run import finished_ply
@@ -71,8 +72,26 @@ def ab_markdown(arms: list[dict], finals: list[dict], protocol: dict | None = No
     return "\n".join(lines) + "\n"
 
 
+def ab_gallery(arms: list[dict], finals: list[dict], out: Path, protocol: dict | None = None) -> str:
+    """The two runs' final videos side by side with their final numbers, and the A/B plot (gallery.html in `out`)."""
+    cells = {}
+    for arm, f in zip(arms, finals):
+        numbers = [("matching loss (final)", f"{f['matching_loss_final']:.4f} ± {f['matching_loss_final_std']:.4f}")]
+        numbers += [(f"CLIP {c} (snapshot)", f"{v:.2f}") for c, v in sorted(f["clip_final"].items())]
+        scores = (protocol or {}).get(arm["label"], {})
+        numbers += [(f"CLIP {c} (16 views)", f"{v:.2f}") for c, v in sorted(scores.items())]
+        video = final_video(arm["run"])
+        cells[arm["label"]] = GalleryCell(video=href(video, out) if video else None, numbers=tuple(numbers),
+                                          note=f"{Path(arm['run']).name} ({arm['mode']})")
+    prompt = " | ".join(dict.fromkeys(str(a["prompt"]) for a in arms))
+    return gallery_html("A/B gallery: vanilla vs PTD", [a["label"] for a in arms],
+                        [GalleryRow(prompt, f"{arms[0]['iterations']} iterations", cells)],
+                        plots=["ab_report.png"], links=[("ab_report.md", "ab_report.md")])
+
+
 def write_ab_report(vanilla: Path, ptd: Path, out: Path, protocol: dict | None = None) -> dict:
-    """Writes <out>/ab_report.{png,md,json}; returns the JSON content. `protocol`: label -> {model: score}."""
+    """Writes <out>/ab_report.{png,md,json} and gallery.html; returns the JSON content. `protocol`: label -> {model:
+    score}."""
     arms = [load_arm(Path(vanilla), "vanilla"), load_arm(Path(ptd), "PTD")]
     if arms[0]["iterations"] != arms[1]["iterations"]:
         raise RunError(f"the arms ran different numbers of iterations ({arms[0]['iterations']} vs "
@@ -86,5 +105,6 @@ def write_ab_report(vanilla: Path, ptd: Path, out: Path, protocol: dict | None =
                        for a, f in zip(arms, finals)],
               "protocol_clip": protocol or {}, "paper_table1": {k: list(v) for k, v in PAPER_TABLE1.items()}}
     write_json_atomic(out / "ab_report.json", report)
+    write_text_atomic(out / GALLERY_FILE, ab_gallery(arms, finals, out, protocol))
     print(text)
     return report

@@ -8,12 +8,14 @@ machine with internet, then cached) or a local weights file; offline without wei
 saying how to get them.
 
 Model specs are `NAME:PRETRAINED` (open_clip name and pretrained tag or local weights file), comma-separated, or
-`tiny`: an offline toy open_clip config (random weights, seeded) for tests and CPU demos, which measures nothing.
+`tiny`: an offline toy open_clip config (random weights, seeded) for tests and CPU demos, which measures nothing, or
+`toy`: the small CLIP trained on the toy world's renders (toyworld/), which scores toy-world prompts meaningfully.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -83,6 +85,22 @@ TINY_CLIP_CONFIG = {"embed_dim": 16,
                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
 # seed of the tiny CLIP's random weights (the same toy scorer in every process)
 TINY_CLIP_SEED = 0
+# "toy": the CLIP trained on the toy world (`python -m toyworld.train_clip`): a config JSON and its weights
+TOY_CLIP_NAME = "ptd-toy-clip"
+TOY_CLIP_DIR = Path(__file__).resolve().parents[1] / "toyworld" / "weights" / "clip"
+
+
+def register_toy_clip() -> tuple[str, str]:
+    """Register the toy world's CLIP config with open_clip; (model name, weights file)."""
+    import open_clip
+
+    config, weights = TOY_CLIP_DIR / f"{TOY_CLIP_NAME}.json", TOY_CLIP_DIR / f"{TOY_CLIP_NAME}.safetensors"
+    if not (config.is_file() and weights.is_file()):
+        raise ValueError(f"CLIP model 'toy': {TOY_CLIP_DIR} lacks {config.name} or {weights.name}; train it with "
+                         "`python -m toyworld.train_clip`")
+    if TOY_CLIP_NAME not in open_clip.list_models():
+        open_clip.add_model_config(config)
+    return TOY_CLIP_NAME, str(weights)
 
 
 def register_tiny_clip() -> str:
@@ -99,7 +117,7 @@ def register_tiny_clip() -> str:
 
 
 def parse_clip_models(spec: str | None) -> list[tuple[str, str | None]]:
-    """'NAME:PRETRAINED,...' | 'tiny' | 'none' (no CLIP) | None (the paper's two) -> [(name, pretrained or None)].
+    """'NAME:PRETRAINED,...' | 'tiny' | 'toy' | 'none' (no CLIP) | None (the paper's two) -> [(name, pretrained or None)].
 
     The pretrained part may be a path with ':' in it (only the first ':' splits); 'none' or '' mean random weights."""
     if spec is None:
@@ -120,20 +138,25 @@ def parse_clip_models(spec: str | None) -> list[tuple[str, str | None]]:
 
 
 def model_label(name: str, pretrained: str | None) -> str:
-    return name if name == "tiny" else f"{name}:{pretrained or 'none'}"
+    return name if name in ("tiny", "toy") else f"{name}:{pretrained or 'none'}"
 
 
 def load_scorer(name: str, pretrained: str | None, device: torch.device | str = "cpu") -> ClipScorer:
-    """A ClipScorer; 'tiny' is the seeded toy model. Creation never moves the caller's RNG streams."""
+    """A ClipScorer; 'tiny' is the seeded random-weight toy model, 'toy' the CLIP trained on the toy world. Creation never moves the caller's RNG streams."""
     import open_clip
 
     if name == "tiny":
         with torch.random.fork_rng():
             torch.manual_seed(TINY_CLIP_SEED)
             return ClipScorer.load(register_tiny_clip(), None, device)
+    if name == "toy":
+        with torch.random.fork_rng():
+            scorer = ClipScorer.load(*register_toy_clip(), device)
+        scorer.name = "toy"
+        return scorer
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model '{name}'; e.g. ViT-L-14, ViT-bigG-14 (open_clip.list_models()) "
-                         f"or 'tiny'")
+        raise ValueError(f"unknown open_clip model '{name}'; e.g. ViT-L-14, ViT-bigG-14 (open_clip.list_models()), "
+                         f"'tiny' or 'toy'")
     with torch.random.fork_rng():
         return ClipScorer.load(name, pretrained, device)
 

@@ -13,9 +13,10 @@ monkeypatch_or_replace_safeloras, monkeypatch_or_replace_lora_extended, apply_le
   tune_lora_scale(..., 1.0), so a layer adds up @ down x (peft adds B @ A x * lora_alpha / r: the writer and `to_peft`
   fold that factor into up).
   Pairs go to layers BY POSITION (`walk`): the loader goes through model.modules(); inside each module whose class
-  name is a target, through its named_modules(); each nn.Linear / nn.Conv2d there takes the next pair (a Linear only
-  a 2-D one, a Conv2d only a 4-D one, else the layer is skipped and keeps the pair for the next). Running out of pairs
-  fails; pairs left over are ignored. Tokens are added to the tokenizer; an existing token gets the stored embedding.
+  name is a target (here also a base class's name: `_is_target`), through its named_modules(); each nn.Linear /
+  nn.Conv2d there takes the next pair (a Linear only a 2-D one, a Conv2d only a 4-D one, else the layer is skipped and
+  keeps the pair for the next). Running out of pairs fails; pairs left over are ignored. Tokens are added to the
+  tokenizer; an existing token gets the stored embedding.
 
 Walk order (what the writer relies on). diffusers 0.18.2's UNet2DConditionModel registers conv_in, time_proj,
 time_embedding, then down_blocks and up_blocks (both empty ModuleLists, filled later), then mid_block, so modules()
@@ -63,11 +64,19 @@ def _layers(module: torch.nn.Module, prefix: str = ""):
             yield from _layers(child, f"{prefix}{name}.")
 
 
+def _is_target(module: torch.nn.Module, targets) -> bool:
+    """Whether the loader patches inside `module`: its class, or a class it derives from, is named in `targets`.
+    transformers 4.3x-4.5x build CLIPTextModel's attention as CLIPSdpaAttention / CLIPFlashAttention2, subclasses of
+    the CLIPAttention that stock's transformers 4.30 builds and its files name (same submodules, same order)."""
+    return any(cls.__name__ in targets for cls in type(module).__mro__)
+
+
 def walk(model: torch.nn.Module, targets) -> list[tuple[str, torch.nn.Module]]:
     """(name in `model`, layer) of the layers lora_diffusion's loader fills, in the order it fills them: inside each
-    module whose class name is in `targets` (in model.modules() order), its nn.Linear / nn.Conv2d layers."""
+    module whose class name is in `targets` (in model.modules() order; `_is_target`), its nn.Linear / nn.Conv2d
+    layers."""
     return [(f"{name}.{sub}" if name else sub, layer) for name, module in model.named_modules()
-            if type(module).__name__ in targets for sub, layer in _layers(module)]
+            if _is_target(module, targets) for sub, layer in _layers(module)]
 
 
 def save_lora_diffusion(path: str | os.PathLike, unet: torch.nn.Module, adapter_name: str = "ptd_path",

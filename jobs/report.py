@@ -15,6 +15,7 @@ from pathlib import Path
 
 from evaluation.ab_report import PAPER_TABLE1
 from evaluation.clip import PAPER_MODELS
+from evaluation.gallery import GALLERY_FILE, GalleryCell, GalleryRow, final_video, gallery_html, href
 from evaluation import MATCHING
 from utils.files import write_json_atomic, write_text_atomic
 
@@ -169,10 +170,42 @@ def paper_markdown(summary: dict) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------------- gallery
+def gallery_cell(row: dict, runs_root: Path, page_folder: Path) -> GalleryCell:
+    """One job in the gallery: its final video (found in <runs_root>/<job>, wherever the batch folder now is), its
+    CLIP scores and matching loss, or its error."""
+    if row["status"] != "done":
+        return GalleryCell(note=f"{row['status']}: {row['error']}", failed=True)
+    video = final_video(runs_root / row["job"])
+    numbers = [(f"CLIP {label}", fmt(score)) for label, score in sorted(row["clip"].items())]
+    if row["matching_loss"] is not None:
+        numbers.append(("matching loss", fmt(row["matching_loss"], 4) + (
+            f" ± {row['matching_loss_std']:.4f}" if row.get("matching_loss_std") is not None else "")))
+    numbers.append(("wall", duration(row["wall_s"])))
+    return GalleryCell(video=href(video, page_folder) if video else None, numbers=tuple(numbers))
+
+
+def gallery_rows(rows: list[dict], arms: list[str], runs_root: Path, page_folder: Path) -> list[GalleryRow]:
+    """One gallery row per (prompt, seed) in the jobs' order, one cell per arm."""
+    grouped: dict[tuple[str, int], dict[str, GalleryCell]] = {}
+    for row in rows:
+        cells = grouped.setdefault((row["prompt"], row["seed"]), {})
+        cells[row["arm"]] = gallery_cell(row, runs_root, page_folder)
+    return [GalleryRow(prompt, f"seed {seed}", {arm: cells[arm] for arm in arms if arm in cells})
+            for (prompt, seed), cells in grouped.items()]
+
+
 def write_results(out: Path, rows: list[dict], summary: dict, header: list[str]) -> None:
-    """<out>/results.csv, results.md (jobs, A/B summary, paper table) and results.json, each written atomically."""
+    """<out>/results.csv, results.md (jobs, A/B summary, paper table), results.json and gallery.html (every prompt's
+    videos side by side, with every PNG of <out>), each written atomically."""
     write_text_atomic(out / "results.csv", results_csv(rows))
     text = "\n".join(header + [""] + jobs_markdown(rows) + [""] + summary_markdown(summary) + [""] +
                      paper_markdown(summary)) + "\n"
     write_text_atomic(out / "results.md", text)
     write_json_atomic(out / "results.json", {"rows": rows, "summary": summary})
+    page = gallery_html(f"Batch gallery: {len(rows)} jobs", summary["arms"],
+                        gallery_rows(rows, summary["arms"], out / "runs", out),
+                        plots=[href(png, out) for png in sorted(out.glob("*.png"))],
+                        notes=[line for line in header if line and not line.startswith("#")],
+                        links=[(name, name) for name in ("results.md", "results.csv", "results.json")])
+    write_text_atomic(out / GALLERY_FILE, page)

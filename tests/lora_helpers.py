@@ -99,7 +99,8 @@ def patch_lora_diffusion(model, pairs, targets, scale=1.0):
     stock leaves them (callers choose eval()). Returns the names filled, in order."""
     pairs, filled = list(pairs), []
     for ancestor_name, ancestor in list(model.named_modules()):
-        if type(ancestor).__name__ not in targets:
+        # by class or base-class name: transformers 4.3x-4.5x's CLIPSdpaAttention is the CLIPAttention of stock's 4.30
+        if not any(cls.__name__ in targets for cls in type(ancestor).__mro__):
             continue
         for name, child in list(ancestor.named_modules()):
             kind = {torch.nn.Linear: (LoraInjectedLinear, 2), torch.nn.Conv2d: (LoraInjectedConv2d, 4)}.get(type(child))

@@ -125,6 +125,8 @@ def test_bad_path_lora(tmp_path, kwargs, expected):
     ("OptimizationParams.opacity_reset_interval=0", "OptimizationParams.opacity_reset_interval must be >= 1"),
     ("OptimizationParams.scale_up_cameras_iter=-1", "OptimizationParams.scale_up_cameras_iter must be >= 0"),
     ("OptimizationParams.video_frames=0", "test_ratio and video_frames must be >= 1"),
+    ("mesh_resolution=4", "mesh_resolution must be in 8..1024"),
+    ("mesh_threshold=0", "mesh_threshold a positive density"),
     ("OptimizationParams.max_nonfinite_steps=0", "OptimizationParams.max_nonfinite_steps must be >= 1"),
     ("GuidanceParams.C_batch_size=0", "GuidanceParams.C_batch_size must be >= 1"),
     ("ModelParams.batch=0", "ModelParams.batch must be >= 1"),

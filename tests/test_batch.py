@@ -256,6 +256,85 @@ def test_without_ray_it_says_how_to_get_it(monkeypatch):
         batch.start_ray(batch.argparse.Namespace(address=None, workers=2, cpus_per_job=1))
 
 
+# ------------------------------------------------------------------------------------------------- GPUs per job
+def packed_by_first_fit(num_gpus: int, share: float) -> list[tuple[int, ...]]:
+    """Reference: place jobs one by one, as Ray's scheduler does, on GPUs counted in 1/10000 units: a share <= 1 goes
+    on the first GPU with room (never across two), a whole number n takes the first n untouched GPUs."""
+    free = [10_000] * num_gpus
+    need = round(share * 10_000)
+    placed = []
+    while True:
+        if share <= 1:
+            gpu = next((g for g in range(num_gpus) if free[g] >= need), None)
+            if gpu is None:
+                return placed
+            free[gpu] -= need
+            placed.append((gpu,))
+        else:
+            gpus = [g for g in range(num_gpus) if free[g] == 10_000][:int(share)]
+            if len(gpus) < share:
+                return placed
+            for g in gpus:
+                free[g] = 0
+            placed.append(tuple(gpus))
+
+
+def test_gpu_slots_pack_like_ray():
+    from jobs.resources import gpu_slots, jobs_per_gpu
+
+    assert gpu_slots(1, 0.25) == [(0,)] * 4 and gpu_slots(2, 0.5) == [(0,), (0,), (1,), (1,)]
+    assert gpu_slots(5, 2) == [(0, 1), (2, 3)] and gpu_slots(1, 2) == [] and gpu_slots(0, 0.25) == []
+    for share in (0.0001, 0.01, 0.1, 0.2, 0.25, 0.3, 1 / 3, 0.3333, 0.4, 0.5, 0.6, 0.99, 1, 2, 3):
+        for num_gpus in range(4):
+            assert gpu_slots(num_gpus, share) == packed_by_first_fit(num_gpus, share), (share, num_gpus)
+        if share <= 1:
+            assert jobs_per_gpu(share) == math.floor(1 / share + 1e-9)  # floor(1/f), exact where 1/f is whole
+    with pytest.raises(ValueError):
+        gpu_slots(1, 0)
+
+
+def test_gpus_per_job_values():
+    from jobs.resources import parse_gpus_per_job
+
+    assert [parse_gpus_per_job(t) for t in ("0.25", "1", "2.0", "0", "1e-4")] == [0.25, 1, 2, 0, 0.0001]
+    assert isinstance(parse_gpus_per_job("2.0"), int)
+    for text, reason in (("1.5", "whole GPUs"), ("-1", "share of one GPU"), ("nan", "share of one GPU"),
+                         ("inf", "share of one GPU"), ("half", "expected a number"), ("0.00001", "finest share")):
+        with pytest.raises(ValueError, match=reason):
+            parse_gpus_per_job(text)
+
+
+def test_gpus_per_job_on_the_command_line(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert batch.cli(batch_argv(tmp_path / "out", prompts, "--gpus-per-job", "0.25", "--list")) == 0
+    capsys.readouterr()
+    for extra, message in ((["--gpus-per-job", "1.5"], "--gpus-per-job: 1.5 GPUs: above 1 a job takes whole GPUs"),
+                           (["--gpus-per-job", "-0.5"], "--gpus-per-job: expected 0, a share of one GPU"),
+                           (["--gpus-per-job", "0.5", "--local"], "--local runs one job at a time")):
+        with pytest.raises(SystemExit) as done:
+            batch.cli(batch_argv(tmp_path / "out", prompts, *extra))
+        assert done.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then the one error line
+        assert ": error: " in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_job_resources_on_a_cluster():
+    def options(gpus=None, cpus=None):
+        return batch.BatchOptions(prompts="p.txt", gpus_per_job=gpus, cpus_per_job=cpus)
+
+    one_gpu = {"CPU": 16.0, "GPU": 1.0}
+    assert batch.job_resources(one_gpu, options()) == (1, 1)  # default: one GPU each
+    assert batch.job_resources({"CPU": 4.0}, options()) == (1, 0)  # no GPU in the cluster
+    assert batch.job_resources(one_gpu, options(0.25)) == (1, 0.25)
+    assert batch.jobs_at_once(one_gpu, 1, 0.25) == 4 and batch.jobs_at_once(one_gpu, 8, 0.25) == 2
+    assert batch.jobs_at_once({"CPU": 16.0, "GPU": 2.0}, 1, 0.3) == 6 and batch.jobs_at_once(one_gpu, 2, 0) == 8
+    for cluster, gpus in (({"CPU": 4.0}, 0.25), (one_gpu, 2), ({"CPU": 4.0, "GPU": 3.0}, 4)):
+        with pytest.raises(batch.RunError, match="lower --cpus-per-job/--gpus-per-job"):
+            batch.job_resources(cluster, options(gpus))
+
+
 # ------------------------------------------------------------------------------------------------- whole batches
 @pytest.fixture(scope="module")
 def batch_a(tmp_path_factory):

@@ -65,6 +65,34 @@ def test_vanilla_train_writes_stock_outputs(tmp_path):
     first = (run / "config.yaml").read_text().splitlines()[0]  # what ran, on top as a comment
     assert first.startswith("# ran with: rasteriser torch, prior tiny (") and ", float32, device cpu, torch " in first
     assert not (run / "path_lora").exists()  # vanilla touches no LoRA
+    check_test_views_in_tensorboard(cfg, run)
+
+
+def check_test_views_in_tensorboard(cfg, run: Path) -> None:
+    """test/rgb and test/depth at each test iteration: one grid, a row of 8 views per orbit, equal (up to TensorBoard's
+    truncation to uint8) to the saved PNGs."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    assert {"test/rgb", "test/depth"} <= set(events.Tags()["images"])
+    c, last = cfg.GenerateCamParams, cfg.OptimizationParams.iterations
+    rows = 2 if c.render_45 else 1
+    for tag, name in (("test/rgb", "render_view"), ("test/depth", "render_depth")):
+        records = events.Images(tag)
+        assert [r.step for r in records] == sorted(train.test_iterations(cfg)) == [1, last]
+        assert all((r.width, r.height) == (8 * c.image_w, rows * c.image_h) for r in records)
+        grid = np.asarray(Image.open(io.BytesIO(records[-1].encoded_image_string)).convert("RGB"), dtype=int)
+        for uid in range(8 * rows):
+            row, col = divmod(uid, 8)
+            cell = grid[row * c.image_h:(row + 1) * c.image_h, col * c.image_w:(col + 1) * c.image_w]
+            png = run / "test_six_views" / f"{last}_iteration" / f"{name}_{uid}.png"
+            saved = np.asarray(Image.open(png).convert("RGB"), dtype=int)
+            assert np.abs(cell - saved).max() <= 1
 
 
 def test_form_path_then_weighted_and_checkpoints(tmp_path):

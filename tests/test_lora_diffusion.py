@@ -408,7 +408,8 @@ def test_lora_path_refuses_what_it_cannot_load(path_lora, tiny_path, tiny_pipe, 
     from guidance.sd_utils import load_prior
 
     other = copy.deepcopy(tiny_pipe.text_encoder)
-    other.encoder.layers = other.encoder.layers[:1]  # a text-encoder LoRA made for a 1-layer encoder
+    encoder = getattr(other, "text_model", other).encoder  # transformers < 5 nests it under .text_model
+    encoder.layers = encoder.layers[:1]  # a text-encoder LoRA made for a 1-layer encoder
     text, text_meta = _text_encoder_part(other)
     up, down = torch.zeros(5, 2), torch.zeros(2, 6)
     cases = [(_save(tmp_path / "te.safetensors", text, text_meta), "text_encoder: 4 LoRA pairs, but CLIPTextModel"),

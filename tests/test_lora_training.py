@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from guidance.hf_compat import OFFLINE_GUESS_DIFFUSERS, diffusers_version, dtype_kwargs
 from guidance.lora_training import (METADATA_NAME, WEIGHT_NAME, add_path_lora, denoising_loss, fit_lora, load_lora,
                                     lora_parameters, lora_state_dict, read_lora_metadata, read_lora_state_dict,
                                     save_lora, training_target)
@@ -61,7 +62,8 @@ def test_add_path_lora_starts_at_the_prior_and_trains_only_lora(unet, scheduler,
 
 def test_lora_stays_float32_in_a_half_precision_unet(tiny_path, scheduler, data):
     from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet", torch_dtype=torch.bfloat16)
+    unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet", **dtype_kwargs(torch.bfloat16))
+    assert unet.dtype == torch.bfloat16  # the keyword the installed diffusers reads (dtype= is ignored before 0.40)
     params = _add(unet)
     assert {p.dtype for p in params} == {torch.float32}
     half = tuple(x.to(torch.bfloat16) for x in data)
@@ -157,7 +159,9 @@ def test_save_load_round_trip_through_a_stock_pipeline(unet, tiny_path, data, tm
         assert (again / name).read_bytes() == (folder2 / name).read_bytes()
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_path)
-    pipe.load_lora_weights(str(folder), adapter_name="ptd_path")  # the stock call other forks use
+    # the stock call other forks use; diffusers < 0.40 needs the file named under HF_HUB_OFFLINE (conftest sets it)
+    named = {} if diffusers_version() >= OFFLINE_GUESS_DIFFUSERS else {"weight_name": WEIGHT_NAME}
+    pipe.load_lora_weights(str(folder), adapter_name="ptd_path", **named)
     assert pipe.unet.peft_config["ptd_path"].lora_alpha == 8
     for w in (1.0, 0.4, 0.0):
         set_lora_scale(unet, w, "ptd_path")

@@ -40,13 +40,22 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
 
 
 def test_atomic_writes_follow_the_umask(tmp_path):
-    """Outputs get the mode any new file would (mkstemp alone gives 0600), folders too."""
-    from utils.files import atomic_folder, write_text_atomic
+    """Outputs get the mode any new file would (mkstemp alone gives 0600), folders too, also where the writer is a
+    library that creates its files 0600 (safetensors 0.8 does, whatever the umask)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from utils.files import atomic_folder, atomic_path, current_umask, write_text_atomic
     old = os.umask(0o022)
     try:
+        assert current_umask() == 0o022
         write_text_atomic(tmp_path / "a.txt", "x")
         with atomic_folder(tmp_path / "folder") as tmp:
             (tmp / "f").write_text("y")
+            (tmp / "sub").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "w.safetensors"))
+        with atomic_path(tmp_path / "single.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
         os.umask(0o077)
         write_text_atomic(tmp_path / "b.txt", "x")
     finally:
@@ -54,9 +63,27 @@ def test_atomic_writes_follow_the_umask(tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755 and (tmp_path / "folder" / "f").read_text() == "y"
     assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "folder"]
+    assert (tmp_path / "folder" / "sub").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "folder" / "sub" / "w.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "single.safetensors").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "folder", "single.safetensors"]
 
 
 def test_stable_hash_ignores_key_order():
     assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+
+
+def test_image_grid_tiles_row_by_row_against_a_loop():
+    from utils.image_io import image_grid
+
+    g = torch.Generator().manual_seed(0)
+    for channels in (3, 1):
+        images = torch.rand(5, channels, 3, 4, generator=g)
+        grid = image_grid(images, cols=2)
+        assert grid.shape == (3, 3 * 3, 2 * 4)  # ceil(5 / 2) rows of 2
+        for k in range(6):
+            row, col = divmod(k, 2)
+            cell = grid[:, row * 3:(row + 1) * 3, col * 4:(col + 1) * 4]
+            expected = images[k].expand(3, -1, -1) if k < 5 else torch.zeros(3, 3, 4)  # the last cell: black
+            assert torch.equal(cell, expected)

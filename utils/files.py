@@ -63,6 +63,31 @@ def _as_write_error(target: Path, written: Path) -> Iterator[None]:
         raise
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (and, for a folder, everything under it) the mode a new file or folder gets under the umask:
+    libraries such as safetensors create their files 0600 whatever the umask, which hides outputs from the group."""
+    mask = current_umask()
+    entries = [path] if not path.is_dir() else [path, *path.rglob("*")]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        executable = entry.is_dir() or entry.stat().st_mode & 0o111
+        os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
+
+
 def _temp_name(path: Path, suffix: str = "") -> Path:
     return path.parent / f".tmp_{path.name}.{secrets.token_hex(6)}{suffix}"
 
@@ -70,8 +95,8 @@ def _temp_name(path: Path, suffix: str = "") -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a new empty temporary file beside `path`; on success it replaces `path` atomically, on error it is removed
-    and `path` is left as it was. Created with mode 0666, which the kernel reduces by the umask (mkstemp's 0600 would
-    hide outputs from the group on shared storage)."""
+    and `path` is left as it was. It gets mode 0666 less the umask, whatever the writer did (mkstemp's or safetensors'
+    0600 would hide outputs from the group on shared storage)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -84,6 +109,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         with _as_write_error(path, tmp):
             yield tmp
+            follow_umask(tmp)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -91,7 +117,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield a new temporary folder beside `folder` (mode 0777 less the umask); on success it takes `folder`'s place
+    """Yield a new temporary folder beside `folder`; on success everything in it gets the umask's modes (0777/0666
+    less the umask, `follow_umask`) and it takes `folder`'s place
     (an old folder is moved aside, then removed), on error it is removed and `folder` is left as it was.
     keep_existing: a `folder` that exists by then wins and the new one is dropped (caches that concurrent builders
     fill alike: the rename fails when another builder got there first)."""
@@ -105,6 +132,7 @@ def atomic_folder(folder: str | os.PathLike, keep_existing: bool = False) -> Ite
     try:
         with _as_write_error(folder, tmp):
             yield tmp
+            follow_umask(tmp)
         if keep_existing:
             try:
                 os.rename(tmp, folder)  # refuses to replace a non-empty folder

@@ -1,0 +1,93 @@
+"""A run's Gaussians as a mesh: mesh.glb and mesh.obj with vertex colours.
+
+    python export_mesh.py output/<workspace> [--resolution 256] [--threshold 0.5] [--out DIR] [--y-up]
+    python export_mesh.py path/to/point_cloud.ply [...]
+
+A run folder gives its final model (the PLY its completion marker train_done.json names) and its config's
+mesh_resolution / mesh_threshold as defaults; a 3DGS PLY file is exported as it is. The surface is the level set
+of the opacity field sum_i o_i G_i(x) (marching cubes on a grid), coloured by the Gaussians' view-independent (SH DC)
+colours; see scene/mesh_export.py. `save_mesh: true` in a config does the same at the end of train.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from arguments import Config, RunError, load_config
+from scene import GaussianModel
+from scene.mesh_export import export_model_mesh
+from scene.ply_io import read_ply
+from stages.run import finished_ply, run_entry
+from utils.device import resolve_device
+
+
+def resolve_source(source: Path) -> tuple[Path, Config]:
+    """The PLY to export and the settings to export it with: a finished run folder's final model and config, or a
+    PLY file with the default settings."""
+    if source.is_file():
+        if source.suffix.lower() != ".ply":
+            raise RunError(f"{source} is not a .ply file; pass a run folder (output/<workspace>) or a 3DGS .ply")
+        return source, Config()
+    if not source.is_dir():
+        raise RunError(f"{source} does not exist; pass a run folder (output/<workspace>) or a 3DGS .ply file")
+    if not (source / "config.yaml").is_file():
+        raise RunError(f"{source} is not a run folder (it has no config.yaml written by train.py); pass "
+                       f"output/<workspace> or a 3DGS .ply file")
+    cfg = load_config(source / "config.yaml")
+    ply = finished_ply(source, cfg)
+    if ply is None:
+        raise RunError(f"run {source} has no finished stage-2 model (no train_done.json naming its final PLY): finish "
+                       f"it with `python train.py --opt {source / 'config.yaml'} --resume`, or pass one of its "
+                       f"point_cloud/iteration_N/point_cloud.ply files")
+    return ply, cfg
+
+
+def main(source: str | Path, *, resolution: Optional[int] = None, threshold: Optional[float] = None,
+         out: Optional[str | Path] = None, y_up: bool = False, device: str = "auto") -> list[Path]:
+    """Export mesh.glb and mesh.obj of `source` into `out` (default: the run folder, or the PLY's folder). Returns
+    the written paths."""
+    source = Path(source)
+    ply, cfg = resolve_source(source)
+    gaussians = GaussianModel(device=resolve_device(device, "--device"))
+    if any(e.name == "vertex" and e.count == 0 for e in read_ply(str(ply)).elements):
+        raise RunError(f"{ply} holds no Gaussians: there is nothing to mesh; pass a trained model (a finished run "
+                       f"folder or its final point_cloud.ply)")
+    gaussians.load_ply(str(ply))
+    folder = Path(out) if out is not None else (source if source.is_dir() else ply.parent)
+    resolution = cfg.mesh_resolution if resolution is None else resolution
+    threshold = cfg.mesh_threshold if threshold is None else threshold
+    mesh, paths = export_model_mesh(gaussians, folder, resolution, threshold, y_up=y_up)
+    print(f"{ply}: {gaussians.num_points} Gaussians -> {len(mesh.vertices)} vertices, {len(mesh.faces)} faces "
+          f"(resolution {resolution}, threshold {threshold:g}, {'Y' if y_up else 'Z'} up)")
+    return paths
+
+
+def cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Export a run's Gaussians as mesh.glb and mesh.obj (marching cubes of the opacity field, vertex "
+                    "colours from the Gaussians' SH DC colours).")
+    parser.add_argument("source", help="a run folder (output/<workspace>: its final model) or a 3DGS .ply file")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="grid points along the longest side of the Gaussians' box, 8..1024 (default: the run's "
+                             "mesh_resolution, 256); cost grows with its cube")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="level of the opacity field sum_i o_i G_i(x) taken as the surface, > 0 (default: the "
+                             "run's mesh_threshold, 0.5); lower it for a fuller mesh of faint models")
+    parser.add_argument("--out", default=None, help="output folder (default: the run folder, or the PLY's folder)")
+    parser.add_argument("--y-up", action="store_true",
+                        help="rotate to glTF's convention, Y up with the front facing +Z: (x, y, z) -> (-x, z, y). "
+                             "Without it the mesh keeps the world's coordinates: Z up, front facing +Y (as the PLY)")
+    parser.add_argument("--device", default="auto", help="torch device of the grid evaluation: auto | cpu | cuda[:N]")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        for path in main(args.source, resolution=args.resolution, threshold=args.threshold, out=args.out,
+                         y_up=args.y_up, device=args.device):
+            print(f"wrote {path}")
+    return run_entry(run)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,168 @@
+"""The toy world against closed forms: surfaces, normals, volumes, captions, scores; its training scripts' resume."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from toyworld.world import (COLOURS, SHAPES, ToyObject, all_objects, inside, object_splats, parse_prompt,
+                            surface_samples, view_of_azimuth, volume)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_surface_samples_lie_on_the_surface_with_outward_normals(shape):
+    rng = np.random.default_rng(0)
+    pts, normals = surface_samples(shape, 4000, rng)
+    assert np.allclose(np.linalg.norm(normals, axis=1), 1.0)
+    eps = 1e-3
+    # a step along the normal leaves the solid, a step against it enters (edges aside: allow a sliver)
+    assert np.mean(~inside(shape, pts + eps * normals)) > 0.99
+    assert np.mean(inside(shape, pts - eps * normals)) > 0.99
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_occupancy_volume_matches_the_closed_form(shape):
+    rng = np.random.default_rng(1)
+    n = 400_000
+    box = rng.uniform(-0.6, 0.6, (n, 3))
+    estimate = inside(shape, box).mean() * 1.2 ** 3
+    assert estimate == pytest.approx(volume(shape), rel=0.02)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_surface_sampling_is_area_uniform(shape):
+    """Equal-area halves of the bounding box's z range hold point counts in proportion to their surface areas: checked
+    against the cone's and cylinder's closed-form split (side vs base/caps) through the normals' z component."""
+    rng = np.random.default_rng(2)
+    pts, normals = surface_samples(shape, 200_000, rng)
+    flat = np.abs(normals[:, 2]) > 0.999  # on a base or cap (or the cube's top/bottom faces)
+    expected = {"sphere": 0.0, "cube": 2 / 6,
+                "cone": math.pi * 0.5 ** 2 / (math.pi * 0.5 * (0.5 + math.hypot(0.5, 0.9))),
+                "cylinder": 2 * 0.26 ** 2 / (2 * 0.26 * (0.26 + 1.0))}[shape]
+    assert flat.mean() == pytest.approx(expected, abs=0.01)
+
+
+def test_prompts_round_trip_and_views():
+    objects = all_objects()
+    assert len(objects) == len(SHAPES) * len(COLOURS) * 2
+    for obj in objects:
+        assert parse_prompt(obj.text) == obj
+        assert parse_prompt(obj.caption("side")) == obj
+    assert ToyObject("cone", "blue", True).caption("back") == "a blue cone with a purple front, back view"
+    assert [view_of_azimuth(a) for a in (0, 44, 46, -90, 134, 136, -180, 540)] == \
+        ["front", "front", "side", "side", "side", "back", "back", "back"]
+    with pytest.raises(ValueError, match="one toy shape"):
+        parse_prompt("a DSLR photo of a bagel")
+
+
+def test_front_attribute_is_seen_from_the_front_only():
+    from scene.cameras import orbit_camera
+    from gaussian_renderer import render
+
+    purple = torch.tensor([0.55, 0.16, 0.78])
+    obj = ToyObject("cube", "yellow", True)
+    splats = object_splats(obj, 3000)
+
+    def purple_fraction(azimuth):
+        img = render(orbit_camera(4.0, 90, azimuth, 0.55, 48, 48), splats, torch.ones(3), backend="torch")["render"]
+        chroma = img.detach() / img.detach().amax(0, keepdim=True).clamp_min(1e-6)
+        target = purple / purple.max()
+        return float(((chroma - target[:, None, None]).abs().sum(0) < 0.15).float().mean())
+
+    assert purple_fraction(0) > 0.15  # front: the purple face fills much of the view
+    assert purple_fraction(180) < 0.01  # back: none
+
+
+def test_scores_closed_form_identities():
+    from toyworld.score import colour_error, silhouette_iou
+
+    a = torch.zeros(2, 8, 8)
+    a[:, :4] = 1.0
+    b = torch.zeros(2, 8, 8)
+    b[:, 2:6] = 1.0
+    assert silhouette_iou(a, a) == 1.0
+    assert silhouette_iou(a, b) == pytest.approx(2 / 6)  # rows 2-3 shared, rows 0-5 covered
+    assert silhouette_iou(a, 1 - a) == 0.0
+    rgb = torch.rand(2, 3, 8, 8)
+    assert colour_error(rgb, rgb, a, a) == 0.0
+    assert colour_error(rgb, rgb + 0.25, a, b) == pytest.approx(0.25)
+    assert colour_error(rgb, rgb, a, 1 - a) == 1.0
+
+
+def test_ground_truth_scores_itself_and_tells_shapes_and_colours_apart():
+    from toyworld.score import score_model
+
+    torch.set_num_threads(1)
+    for obj in (ToyObject("cone", "green"), ToyObject("cylinder", "red")):
+        s = score_model(object_splats(obj, 3000, seed=7), obj.text, resolution=32)  # other samples than the truth
+        assert s["iou"] > 0.9 and s["colour_error"] < 0.05
+        assert s["shape_ok"] and s["colour_ok"]
+    s = score_model(object_splats(ToyObject("sphere", "blue"), seed=3), "a yellow cone", resolution=32)
+    assert s["best_shape"] == "sphere" and not s["shape_ok"] and s["nearest_colour"] == "blue"
+    assert s["iou"] < 0.7
+
+
+def test_composite_backgrounds_and_flips():
+    from toyworld.data import composite
+
+    rgba = torch.zeros(64, 4, 4, 4, dtype=torch.uint8)
+    rgba[:, :, :2] = torch.tensor([200, 0, 0, 255], dtype=torch.uint8)  # left half opaque red, right half empty
+    out = composite(rgba, torch.Generator().manual_seed(0))
+    red = torch.tensor([200 / 255, 0, 0])[:, None]
+    left, right = out[..., :2].flatten(2), out[..., 2:].flatten(2)  # [B, 3, 8]
+    unflipped = torch.isclose(left, red, atol=1e-6).all(dim=(1, 2))
+    flipped = torch.isclose(right, red, atol=1e-6).all(dim=(1, 2))
+    assert (unflipped ^ flipped).all() and 10 < int(flipped.sum()) < 54
+    bg = torch.where(unflipped[:, None, None], right, left)  # the empty half: one background colour per image
+    assert torch.allclose(bg, bg[..., :1].expand_as(bg))
+    colours = bg[..., 0]
+    white = (colours == 1).all(1)
+    black = (colours == 0).all(1)
+    assert white.any() and black.any() and (~white & ~black).any()
+
+
+def test_clip_loss_matches_brute_force():
+    from toyworld.train_clip import contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    targets = torch.tensor([0, 2, 0, 1, 2])
+    scale = torch.tensor(math.log(10.0))
+    logits = 10.0 * img @ txt.T
+    li = sum(-torch.log_softmax(logits[i], 0)[targets[i]] for i in range(5)) / 5
+    lt = 0.0
+    for j in range(3):
+        members = [i for i in range(5) if targets[i] == j]
+        lt += sum(-torch.log_softmax(logits[:, j], 0)[i] for i in members) / len(members)
+    assert float(contrastive_loss(img, txt, targets, scale)) == pytest.approx(float((li + lt / 3) / 2), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_train_prior_resume_equals_uninterrupted(tmp_path):
+    """A run stopped after the first UNet step and resumed writes the same weights as one never stopped; a
+    checkpoint is never silently reused by a run with other settings."""
+    from safetensors.torch import load_file
+
+    from toyworld import train_prior
+
+    common = ["--views", "1", "--batch", "2", "--vae-batch", "2", "--vae-steps", "2", "--unet-steps", "2",
+              "--checkpoint-every", "1", "--threads", "1"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert train_prior.main(common + ["--work", str(whole), "--out", str(whole / "out")]) == 0
+    args = common + ["--work", str(part), "--out", str(part / "out")]
+    assert train_prior.main(args + ["--stop-after", "3"]) == 0  # 2 autoencoder steps, 1 UNet step
+    assert not (part / "out").exists()
+    assert train_prior.main(args) == 2  # a checkpoint exists: --resume or start over, never silently
+    other = list(args)
+    other[other.index("--vae-steps") + 1] = "3"
+    assert train_prior.main(other + ["--resume"]) == 2  # other settings are refused
+    assert train_prior.main(args + ["--resume"]) == 0
+    for sub in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors"):
+        a, b = load_file(whole / "out" / sub), load_file(part / "out" / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(str(whole / "out"))
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    assert pipe.vae.config.scaling_factor != 1.0  # measured from the data

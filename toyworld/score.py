@@ -1,0 +1,149 @@
+"""Ground-truth scores of a distilled model against the toy object its prompt names, from the paper's 16 evaluation
+cameras (8 azimuths x elevations 0 and 45, radius 4): silhouette IoU, colour error inside the silhouette, which
+shape fits best and which colour is nearest. `python -m toyworld.score output/<workspace>` scores a run's final PLY.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gaussian_renderer import render
+from scene.cameras import eval_rig_cameras
+from toyworld.world import COLOURS, SHAPES, ToyObject, object_splats, parse_prompt
+
+ALPHA_THRESHOLD = 0.5  # a pixel is inside a silhouette when its accumulated opacity exceeds this
+SCORE_RESOLUTION = 64
+SCORE_RADIUS, SCORE_FOVY = 4.0, 0.55
+
+
+def score_cameras(resolution: int = SCORE_RESOLUTION, device=None) -> list:
+    """The paper's 16 evaluation views (8 azimuths at elevation 0, then 8 at 45 degrees)."""
+    return eval_rig_cameras(resolution, resolution, radius=SCORE_RADIUS, fovy=SCORE_FOVY, n_azimuths=8, device=device)
+
+
+@torch.no_grad()
+def views(model, cameras, bg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Renders of a model (GaussianModel or Splats): colour over `bg` (default white) [V, 3, H, W], alpha [V, H, W]."""
+    bg = torch.ones(3) if bg is None else bg
+    outs = [render(cam, model, bg.to(model.get_xyz), backend="torch") for cam in cameras]
+    rgb = torch.stack([o["render"] for o in outs]).clamp(0, 1)
+    alpha = torch.stack([o["alpha"][0] for o in outs]).clamp(0, 1)
+    return rgb, alpha
+
+
+def silhouette_iou(alpha: torch.Tensor, alpha_ref: torch.Tensor, threshold: float = ALPHA_THRESHOLD) -> float:
+    """|A and B| / |A or B| of the two thresholded silhouettes, pooled over all views ([V, H, W] each)."""
+    a, b = alpha > threshold, alpha_ref > threshold
+    union = (a | b).sum().item()
+    return float((a & b).sum().item() / union) if union else 0.0
+
+
+def colour_error(rgb: torch.Tensor, rgb_ref: torch.Tensor, alpha: torch.Tensor, alpha_ref: torch.Tensor,
+                 threshold: float = ALPHA_THRESHOLD) -> float:
+    """Mean absolute RGB difference (0..1) over the pixels inside both silhouettes; 1.0 when they do not overlap."""
+    both = (alpha > threshold) & (alpha_ref > threshold)  # [V, H, W]
+    if not both.any():
+        return 1.0
+    diff = (rgb - rgb_ref).abs().mean(dim=1)  # [V, H, W]
+    return float(diff[both].mean())
+
+
+def mean_colour(rgb: torch.Tensor, alpha: torch.Tensor, threshold: float = ALPHA_THRESHOLD) -> torch.Tensor:
+    """Mean colour [3] inside the silhouette (the background's colour when it is empty)."""
+    mask = alpha > threshold
+    if not mask.any():
+        return rgb.mean(dim=(0, 2, 3))
+    return rgb.permute(1, 0, 2, 3)[:, mask].mean(dim=1)
+
+
+def score_model(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> dict:
+    """Scores of `model` against the object `prompt` names (toyworld.world.parse_prompt):
+
+    iou, colour_error: against that object; shape_ious: IoU against each shape in the prompt's colour, and
+    best_shape its argmax; colour_distances: distance of the model's mean colour inside its silhouette to each
+    colour's ground-truth mean (the prompt's shape), and nearest_colour its argmin; shape_ok / colour_ok."""
+    target = parse_prompt(prompt)
+    cams = score_cameras(resolution)
+    rgb, alpha = views(model, cams)
+    shape_ious = {}
+    ref = {}
+    for shape in SHAPES:
+        ref[shape] = views(object_splats(ToyObject(shape, target.colour, target.front)), cams)
+        shape_ious[shape] = silhouette_iou(alpha, ref[shape][1])
+    gt_rgb, gt_alpha = ref[target.shape]
+    ours = mean_colour(rgb, alpha)
+    colour_distances = {}
+    for colour in COLOURS:
+        c_rgb, c_alpha = views(object_splats(ToyObject(target.shape, colour, False)), cams)
+        colour_distances[colour] = float((mean_colour(c_rgb, c_alpha) - ours).norm())
+    best_shape = max(shape_ious, key=shape_ious.get)
+    nearest = min(colour_distances, key=colour_distances.get)
+    return {"prompt": prompt, "object": target.text, "iou": shape_ious[target.shape],
+            "colour_error": colour_error(rgb, gt_rgb, alpha, gt_alpha), "shape_ious": shape_ious,
+            "best_shape": best_shape, "shape_ok": best_shape == target.shape,
+            "colour_distances": colour_distances, "nearest_colour": nearest, "colour_ok": nearest == target.colour,
+            "mean_colour": [float(v) for v in ours]}
+
+
+def strip(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> np.ndarray:
+    """A picture [2H, 8W, 3] uint8: the model's 8 elevation-0 evaluation views above the ground truth's."""
+    cams = score_cameras(resolution)[:8]
+    rgb, _ = views(model, cams)
+    gt, _ = views(object_splats(parse_prompt(prompt)), cams)
+    rows = [torch.cat(list(x), dim=2) for x in (rgb, gt)]  # [3, H, 8W] each
+    return (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def main(argv=None) -> int:
+    from scene.gaussian_model import GaussianModel
+    from utils.files import write_text_atomic
+    from utils.image_io import save_png
+
+    p = argparse.ArgumentParser(description="Score a run's final model against the toy world's ground truth.")
+    p.add_argument("workspace", help="a run folder (output/<workspace>) of a toy-world prompt")
+    p.add_argument("--prompt", help="the prompt (default: the run's saved config)")
+    args = p.parse_args(argv)
+    run = Path(args.workspace)
+    try:
+        ply = _final_ply(run)
+        prompt = args.prompt or _run_prompt(run)
+        model = GaussianModel(sh_degree=3)
+        model.load_ply(str(ply))
+        scores = score_model(model, prompt)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_text_atomic(run / "toy_score.json", json.dumps(scores, indent=1))
+    save_png(torch.from_numpy(strip(model, prompt)).permute(2, 0, 1).float() / 255, run / "toy_score_views.png")
+    print(json.dumps({k: scores[k] for k in ("object", "iou", "colour_error", "best_shape", "nearest_colour")}))
+    return 0
+
+
+def _final_ply(run: Path) -> Path:
+    from stages.run import DONE_MARKER
+
+    marker = run / DONE_MARKER
+    if not marker.is_file():
+        raise ValueError(f"{run} holds no finished stage-2 run ({DONE_MARKER} missing); run train.py to the end first")
+    ply = run / json.loads(marker.read_text()).get("ply", "")
+    if not ply.is_file():
+        raise ValueError(f"{marker} names {ply}, which is missing")
+    return ply
+
+
+def _run_prompt(run: Path) -> str:
+    import yaml
+
+    cfg = run / "config.yaml"
+    if not cfg.is_file():
+        raise ValueError(f"{cfg} not found; pass --prompt")
+    return yaml.safe_load(cfg.read_text())["GuidanceParams"]["text"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

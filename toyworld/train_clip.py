@@ -1,0 +1,167 @@
+"""Train the toy CLIP: `python -m toyworld.train_clip [--resume]`.
+
+An open_clip-format model (a small ViT on 64 px images and a small text transformer on open_clip's own tokenizer),
+trained contrastively on the toy world's renders (toyworld.data, the same images as the toy prior) and their plain
+or view-dependent captions. Written as `ptd-toy-clip.json` (the config) and `ptd-toy-clip.safetensors`, so that
+`evaluate.py --clip-models toy` runs the paper's CLIP protocol with a scorer that knows this world.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from toyworld.data import cached_dataset, composite
+from utils.files import atomic_folder, atomic_path
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_OUT = REPO / "weights" / "clip"
+TOY_CLIP_NAME = "ptd-toy-clip"
+TOY_CLIP_CONFIG = {"embed_dim": 64,
+                   "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+                   "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+NOT_SETTINGS = ("resume", "work", "out", "threads")
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> open_clip's input (OpenAI mean/std), as its eval transform does."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    mean = torch.tensor(OPENAI_DATASET_MEAN)[None, :, None, None]
+    std = torch.tensor(OPENAI_DATASET_STD)[None, :, None, None]
+    return (images - mean) / std
+
+
+def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random zoom (crop 80-100% and resize back) and, for a third, a blur: distilled models and prior samples are
+    softer and framed differently than the clean renders."""
+    b, _, h, w = images.shape
+    out = torch.empty_like(images)
+    for i in range(b):
+        s = float(0.8 + 0.2 * torch.rand(1, generator=gen))
+        ch, cw = max(8, int(h * s)), max(8, int(w * s))
+        y = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        x = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        crop = images[i:i + 1, :, y:y + ch, x:x + cw]
+        out[i:i + 1] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    blur = torch.rand(b, generator=gen) < 1 / 3
+    if blur.any():
+        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
+        out[blur] = F.conv2d(F.pad(out[blur], (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    return out
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, targets: torch.Tensor, logit_scale: torch.Tensor):
+    """CLIP's symmetric loss with repeated captions: image i's positive is its caption (row targets[i] of the
+    unique captions); caption j's positives are all images with that caption, equally weighted."""
+    logits = logit_scale.exp() * img @ txt.T  # [B, U]
+    loss_i = F.cross_entropy(logits, targets)
+    pos = F.one_hot(targets, txt.shape[0]).float().T  # [U, B]
+    loss_t = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
+
+
+def register(folder: Path) -> str:
+    """Register the toy config with open_clip (from `folder`/ptd-toy-clip.json, written if missing); its name."""
+    import open_clip
+
+    path = Path(folder) / f"{TOY_CLIP_NAME}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(TOY_CLIP_CONFIG, indent=1))
+    if TOY_CLIP_NAME not in open_clip.list_models():
+        open_clip.add_model_config(path)
+    return TOY_CLIP_NAME
+
+
+def build_model(seed: int, work: Path):
+    import open_clip
+    from open_clip.model import CLIP
+
+    torch.manual_seed(seed)
+    model = CLIP(**TOY_CLIP_CONFIG)
+    return model, open_clip.get_tokenizer(register(work))  # open_clip's BPE at the config's context length
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--work", default=str(REPO.parent / ".toyworld-work"), help="rendered images and checkpoints")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--views", type=int, default=250, help="rendered views per object (as the toy prior)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    data = cached_dataset(work, args.views, 64, args.seed)
+    model, tokenizer = build_model(args.seed, work)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(args.seed + 11)
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    ckpt, step, log = work / "clip_checkpoint.pt", 0, []
+    if ckpt.is_file():
+        if not args.resume:
+            print(f"error: {ckpt} exists; pass --resume to continue it, or delete it to start over", file=sys.stderr)
+            return 2
+        s = torch.load(ckpt, weights_only=True)
+        if json.loads(s["settings"]) != settings:
+            print(f"error: {ckpt} was made with other settings; rerun with the same arguments", file=sys.stderr)
+            return 2
+        model.load_state_dict(s["model"])
+        opt.load_state_dict(s["opt"])
+        gen.set_state(s["gen"])
+        step, log = int(s["step"]), json.loads(s["log"])
+    t0 = time.time()
+    with tqdm(total=args.steps, initial=step, desc="toy CLIP", unit="step") as bar:
+        while step < args.steps:
+            idx = torch.randint(0, len(data), (args.batch,), generator=gen)
+            images = augment(composite(torch.from_numpy(data.rgba[idx.numpy()]), gen), gen)
+            plain = torch.rand(args.batch, generator=gen) < 0.5
+            captions = [data.caption(int(i), plain=bool(q)) for i, q in zip(idx, plain)]
+            unique = sorted(set(captions))
+            targets = torch.tensor([unique.index(c) for c in captions])
+            img = F.normalize(model.encode_image(normalise(images)), dim=-1)
+            txt = F.normalize(model.encode_text(tokenizer(unique)), dim=-1)
+            loss = contrastive_loss(img, txt, targets, model.logit_scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for g in opt.param_groups:
+                g["lr"] = args.lr * min(1.0, (step + 1) / 100)
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, 4.6052)
+            step += 1
+            log.append({"step": step, "loss": float(loss), "seconds": time.time() - t0})
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.update()
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                with atomic_path(ckpt) as tmp:
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                                "step": step, "log": json.dumps(log), "settings": json.dumps(settings)}, tmp)
+    from safetensors.torch import save_file
+
+    with atomic_folder(Path(args.out)) as tmp:
+        (Path(tmp) / f"{TOY_CLIP_NAME}.json").write_text(json.dumps(TOY_CLIP_CONFIG, indent=1))
+        state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(Path(tmp) / f"{TOY_CLIP_NAME}.safetensors"))
+        (Path(tmp) / "training_log.json").write_text(json.dumps(log))
+    print(f"toy CLIP written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

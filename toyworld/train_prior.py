@@ -1,0 +1,295 @@
+"""Train the toy prior from scratch: `python -m toyworld.train_prior [--resume]`.
+
+A normal diffusers StableDiffusionPipeline folder (AutoencoderKL 64 px -> 16x16x4, UNet2DConditionModel, a small
+CLIPTextModel trained jointly with the UNet, SD 2.1-base's DDIM schedule), trained on the toy world's renders
+(toyworld.data) with their view-dependent captions, 15% empty captions (the unconditional branch of CFG) and EMA
+weights. Two phases, each checkpointed every --checkpoint-every steps in --work; `--resume` continues where an
+interrupted run stopped, with the same result as an uninterrupted one up to thread scheduling.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from guidance.tiny import build_tiny_tokenizer
+from toyworld.data import cached_dataset, composite
+from utils.files import atomic_folder, atomic_path
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_OUT = REPO / "weights" / "prior"
+EMPTY_CAPTION = 0.15
+NOT_SETTINGS = ("resume", "work", "out", "threads", "export_only", "stop_after")
+
+
+class Paused(Exception):
+    """--stop-after reached: the checkpoint is saved, `--resume` continues."""  # arguments a resumed run may change
+
+
+def build_models(tokenizer, seed: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+                        block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16, scaling_factor=1.0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=(2, 4, 8), use_linear_projection=True, norm_num_groups=32)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=64, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return vae, unet, CLIPTextModel(text_config)
+
+
+def sd21_scheduler():
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                         prediction_type="epsilon")
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def ema_decay(step: int, target: float = 0.999) -> float:
+    """Warm-started EMA: short memory early, `target` later."""
+    return min(target, (1.0 + step) / (10.0 + step))
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        tok_dir = self.work / "tokenizer"
+        self.tokenizer = build_tiny_tokenizer(tok_dir)
+        self.vae, self.unet, self.text_encoder = build_models(self.tokenizer, args.seed)
+        self._data = None
+        self.gen = torch.Generator().manual_seed(args.seed + 1)
+        self.scheduler = sd21_scheduler()
+        self.abar = self.scheduler.alphas_cumprod.float()
+        self.phase, self.step, self.log = "vae", 0, []
+        self.steps_this_run = 0
+        self.scaling = 1.0
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+        self.unet_params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.unet_opt = torch.optim.AdamW(self.unet_params, lr=args.unet_lr, weight_decay=0.01)
+        self.ema_unet, self.ema_text = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
+        self.ckpt = self.work / "checkpoint.pt"
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = cached_dataset(self.work, self.args.views, 64, self.args.seed)
+        return self._data
+
+    # ------------------------------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {"phase": self.phase, "step": self.step, "log": json.dumps(self.log), "scaling": self.scaling,
+                "vae": self.vae.state_dict(), "unet": self.unet.state_dict(), "text": self.text_encoder.state_dict(),
+                "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
+                "vae_opt": self.vae_opt.state_dict(), "unet_opt": self.unet_opt.state_dict(),
+                "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "args": json.dumps({k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS})}
+
+    def save(self) -> None:
+        with atomic_path(self.ckpt) as tmp:
+            torch.save(self.state(), tmp)
+
+    def load(self) -> None:
+        s = torch.load(self.ckpt, weights_only=True)
+        saved_args = json.loads(s["args"])
+        now = {k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS}
+        if saved_args != now:
+            diff = sorted(k for k in now if saved_args.get(k) != now[k])
+            raise ValueError(f"checkpoint {self.ckpt} was made with other settings ({', '.join(diff)}); rerun with "
+                             "the same arguments, or remove it to start over")
+        self.phase, self.step, self.log, self.scaling = s["phase"], s["step"], json.loads(s["log"]), s["scaling"]
+        self.vae.load_state_dict(s["vae"])
+        self.unet.load_state_dict(s["unet"])
+        self.text_encoder.load_state_dict(s["text"])
+        self.ema_unet.load_state_dict(s["ema_unet"])
+        self.ema_text.load_state_dict(s["ema_text"])
+        self.vae_opt.load_state_dict(s["vae_opt"])
+        self.unet_opt.load_state_dict(s["unet_opt"])
+        self.gen.set_state(s["gen"])
+        torch.set_rng_state(s["torch_rng"])
+
+    def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        idx = torch.randint(0, len(self.data), (n,), generator=self.gen)
+        images = composite(torch.from_numpy(self.data.rgba[idx.numpy()]), self.gen)
+        plain = torch.rand(n, generator=self.gen) < 0.25  # the plain prompt sometimes (the CLIP/probe text)
+        empty = torch.rand(n, generator=self.gen) < EMPTY_CAPTION
+        captions = ["" if e else self.data.caption(int(i), plain=bool(p)) for i, p, e in zip(idx, plain, empty)]
+        return images, captions
+
+    # ------------------------------------------------------------------------------------------ phases
+    def vae_step(self) -> float:
+        images, _ = self.batch(self.args.vae_batch)
+        x = 2 * images - 1
+        post = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(post.sample(generator=self.gen)).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + self.args.kl_weight * kl
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_opt.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def measure_scaling(self) -> float:
+        """SD's latent scaling: 1 / std of the posterior samples over the data."""
+        images, _ = self.batch(256)
+        z = self.vae.encode(2 * images - 1).latent_dist.sample(generator=self.gen)
+        return float(1.0 / z.std())
+
+    def unet_step(self) -> float:
+        images, captions = self.batch(self.args.batch)
+        with torch.no_grad():
+            z0 = self.vae.encode(2 * images - 1).latent_dist.sample(generator=self.gen) * self.scaling
+        t = torch.randint(0, 1000, (z0.shape[0],), generator=self.gen)
+        noise = torch.randn(z0.shape, generator=self.gen)
+        abar = self.abar[t][:, None, None, None]
+        zt = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+        emb = self.text_encoder(tokenize(self.tokenizer, captions))[0]
+        pred = self.unet(zt, t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(pred, noise)
+        self.unet_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet_params, 1.0)
+        warm = min(1.0, (self.step + 1) / 100)
+        for g in self.unet_opt.param_groups:
+            g["lr"] = self.args.unet_lr * warm
+        self.unet_opt.step()
+        decay = ema_decay(self.step)
+        ema_update(self.ema_unet, self.unet, decay)
+        ema_update(self.ema_text, self.text_encoder, decay)
+        return loss.item()
+
+    def run(self) -> None:
+        a = self.args
+        if self.phase == "vae":
+            self.vae.train()
+            self._loop(a.vae_steps, self.vae_step, "autoencoder")
+            self.scaling = self.measure_scaling()
+            self.phase, self.step = "unet", 0
+            self.save()
+        if self.phase == "unet":
+            self.vae.eval().requires_grad_(False)
+            self._loop(a.unet_steps, self.unet_step, "UNet + text encoder")
+            self.phase = "done"
+            self.save()
+
+    def _loop(self, total: int, step_fn, name: str) -> None:
+        t0 = time.time()
+        with tqdm(total=total, initial=self.step, desc=f"toy prior: {name}", unit="step") as bar:
+            while self.step < total:
+                loss = step_fn()
+                self.step += 1
+                self.log.append({"phase": self.phase, "step": self.step, "loss": loss,
+                                 "seconds": time.time() - t0})
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update()
+                self.steps_this_run += 1
+                stop = self.args.stop_after and self.steps_this_run >= self.args.stop_after and self.step < total
+                if self.step % self.args.checkpoint_every == 0 or self.step == total or stop:
+                    self.save()
+                if stop:
+                    raise Paused()
+
+    # ------------------------------------------------------------------------------------------ export
+    def export(self, out: Path) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        vae = copy.deepcopy(self.vae)
+        vae.register_to_config(scaling_factor=self.scaling)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=self.ema_text, tokenizer=self.tokenizer,
+                                       unet=self.ema_unet, scheduler=self.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        with atomic_folder(out) as tmp:
+            pipe.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+            (Path(tmp) / "training_log.json").write_text(json.dumps(self.log))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="pipeline folder to write (replaced atomically)")
+    p.add_argument("--work", default=str(REPO.parent / ".toyworld-work"),
+                   help="rendered images and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
+    p.add_argument("--export-only", action="store_true",
+                   help="write --out from the checkpoint in --work as it is now (e.g. while training goes on)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--views", type=int, default=250, help="rendered views per object")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--unet-steps", type=int, default=2400)
+    p.add_argument("--unet-lr", type=float, default=4e-4)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="save and stop after this many steps in this invocation (0: run to the end); --resume goes on")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer = Trainer(args)
+    torch.manual_seed(args.seed + 2)
+    if args.export_only:
+        if not trainer.ckpt.is_file():
+            print(f"error: no checkpoint in {args.work} to export; train first", file=sys.stderr)
+            return 2
+        trainer.load()
+        trainer.export(Path(args.out))
+        print(f"toy prior (phase {trainer.phase}, step {trainer.step}) written to {args.out}")
+        return 0
+    if trainer.ckpt.is_file():
+        if not args.resume:
+            print(f"error: {trainer.ckpt} exists; pass --resume to continue it, or remove {args.work} to start over",
+                  file=sys.stderr)
+            return 2
+        try:
+            trainer.load()
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"resumed: phase {trainer.phase}, step {trainer.step}")
+    try:
+        trainer.run()
+    except Paused:
+        print(f"stopped at phase {trainer.phase}, step {trainer.step}; rerun with --resume to continue")
+        return 0
+    trainer.export(Path(args.out))
+    print(f"toy prior written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
