@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements-test.txt setup.py | cksum | cut -d' ' -f1)
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
-.PHONY: test demo venv bench clean
+.PHONY: test demo smoke venv bench clean
 
 venv: $(STAMP)
 
@@ -19,14 +19,21 @@ $(STAMP): requirements-test.txt setup.py
 test: venv
 	$(OFFLINE) $(VPY) -m pytest -q
 
-# the main job end to end on the tiny model on CPU: stage 1 (form the path), stage 2 (trace it), PLY + 360-degree video
+# the main job end to end on the toy prior on CPU: stage 1 (form the path), stage 2 (trace it), PLY + 360-degree video,
+# scored against the toy world's ground truth
 demo: venv
+	$(OFFLINE) $(VPY) form_path.py --opt configs/toy.yaml --overwrite
+	$(OFFLINE) $(VPY) train.py --opt configs/toy.yaml --overwrite
+	$(OFFLINE) $(VPY) -m toyworld.score output/toy_demo
+	@echo "demo outputs in output/toy_demo/:" && find output/toy_demo -maxdepth 3 \( -name 'point_cloud.ply' -o -name '*.mp4' -o -name 'toy_score*' \) | sort
+
+# the same on the random-weight tiny model: plumbing only
+smoke: venv
 	$(OFFLINE) $(VPY) form_path.py --opt configs/smoke.yaml --overwrite
 	$(OFFLINE) $(VPY) train.py --opt configs/smoke.yaml --overwrite
-	@echo "demo outputs in output/smoke/:" && find output/smoke -maxdepth 3 -name '*.ply' -o -maxdepth 3 -name '*.mp4' | sort
 
 bench: venv
 	$(OFFLINE) $(VPY) bench/render_bench.py
 
 clean:
-	rm -rf output/smoke
+	rm -rf output/smoke output/toy_demo

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # lowest first: a module may import its own package and the packages listed before it, never one after it
 LAYERS = ["utils", "arguments", "scene", "gaussian_renderer", "guidance", "stages", "evaluation", "toyworld", "jobs"]
-ENTRY_SCRIPTS = ["train", "form_path", "evaluate", "probe_ood", "batch", "export_mesh"]
+ENTRY_SCRIPTS = ["train", "form_path", "evaluate", "probe_ood", "batch", "export_mesh", "export_ply"]
 # the copyable file and its two roles: imports nothing of the project
 SELF_CONTAINED = {"guidance.ptd_utils"}
 

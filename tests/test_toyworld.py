@@ -166,3 +166,47 @@ def test_train_prior_resume_equals_uninterrupted(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(whole / "out"))
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
     assert pipe.vae.config.scaling_factor != 1.0  # measured from the data
+
+
+def test_study_summary_of_synthetic_runs():
+    from toyworld.study import RUN_NAME, summarise
+
+    m = RUN_NAME.match("a_blue_cone__ptd-checkpoints__s1__0123abcd")
+    assert m and m["arm"] == "ptd-checkpoints" and m["seed"] == "1"
+    rows = []
+    for arm, curve in (("vanilla", [0.5, 0.6, 0.7]), ("ptd", [0.55, 0.72, 0.74])):
+        for seed, shift in ((0, -0.02), (1, 0.02)):
+            for it, iou in zip((100, 200, 300), curve):
+                rows.append({"arm": arm, "seed": seed, "iteration": it, "iou": iou + shift, "colour_error": 0.1,
+                             "shape_ok": seed == 0, "colour_ok": True, "matching_loss": 1.0 + it / 1000})
+    s = summarise(rows)
+    assert s["vanilla"]["iou"] == pytest.approx((0.7, 0.02))
+    assert s["ptd"]["shape_ok"] == 0.5 and s["ptd"]["runs"] == 2
+    assert s["vanilla"]["reaches_vanilla_final_at"] == 300 and s["ptd"]["reaches_vanilla_final_at"] == 200
+    assert s["ptd"]["loss_curve"][200] == pytest.approx(1.2)
+
+
+def test_committed_toy_clip_knows_the_world():
+    """The committed toy CLIP (evaluate.py --clip-models toy) names clean ground-truth renders: shape and colour of
+    each of the 16 plain objects from two sides (measured: see the closing assertion's margin in docs/toyworld.md)."""
+    from evaluation.clip import load_scorer
+    from scene.cameras import orbit_camera
+    from gaussian_renderer import render
+
+    torch.set_num_threads(1)
+    scorer = load_scorer("toy", None)
+    objects = all_objects(fronts=False)
+    prompts = [o.text for o in objects]
+    images = torch.stack([render(orbit_camera(4.0, 75, az, 0.5, 64, 64), object_splats(o, 3000), torch.ones(3),
+                                 backend="torch")["render"].detach().clamp(0, 1)
+                          for o in objects for az in (30, -120)])
+    pred = (scorer.image_features(images) @ scorer.text_features(prompts).T).argmax(1)
+    truth = torch.arange(len(objects)).repeat_interleave(2)
+    assert float((pred == truth).float().mean()) >= 0.9
+
+
+def test_model_key_toy_resolves_to_the_committed_prior():
+    from guidance.sd_utils import TOY_PRIOR_DIR, resolve_model_key
+
+    assert resolve_model_key("toy") == str(TOY_PRIOR_DIR)
+    assert (TOY_PRIOR_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()

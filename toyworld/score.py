@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,21 +62,47 @@ def mean_colour(rgb: torch.Tensor, alpha: torch.Tensor, threshold: float = ALPHA
     return rgb.permute(1, 0, 2, 3)[:, mask].mean(dim=1)
 
 
+@dataclass
+class Scaled:
+    """A model seen scaled by s about the origin (positions and Gaussian scales), for the renderer."""
+    model: object
+    s: float
+
+    def __getattr__(self, name):
+        value = getattr(self.model, name)
+        return value * self.s if name in ("get_xyz", "get_scaling") else value
+
+
+SCALES = tuple(float(v) for v in np.geomspace(0.4, 2.5, 11))  # the scale search: 0.4x to 2.5x, ~20% steps
+
+
+@torch.no_grad()
+def scale_aligned_iou(model, reference, cameras, scales=SCALES) -> tuple[float, float]:
+    """(best IoU, its scale) of the model scaled about the origin by each of `scales` against a reference model.
+    The toy prior fixes shape and colour but barely the object's size (its images span a 4x range of apparent size),
+    so this separates "the right shape" from "the right size"."""
+    _, ref_alpha = views(reference, cameras)
+    best = max(((silhouette_iou(views(Scaled(model, s), cameras)[1], ref_alpha), s) for s in scales))
+    return best
+
+
 def score_model(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> dict:
     """Scores of `model` against the object `prompt` names (toyworld.world.parse_prompt):
 
-    iou, colour_error: against that object; shape_ious: IoU against each shape in the prompt's colour, and
-    best_shape its argmax; colour_distances: distance of the model's mean colour inside its silhouette to each
+    iou, colour_error: against that object; aligned_iou / aligned_scale: the IoU after the best uniform scale
+    about the origin (`scale_aligned_iou`, 8 horizontal views at 32 px); shape_ious: aligned IoU against each shape
+    in the prompt's colour, and best_shape its argmax; colour_distances: distance of the model's mean colour inside its silhouette to each
     colour's ground-truth mean (the prompt's shape), and nearest_colour its argmin; shape_ok / colour_ok."""
     target = parse_prompt(prompt)
     cams = score_cameras(resolution)
     rgb, alpha = views(model, cams)
-    shape_ious = {}
-    ref = {}
+    small = score_cameras(32)[:8]
+    shape_ious, scales = {}, {}
     for shape in SHAPES:
-        ref[shape] = views(object_splats(ToyObject(shape, target.colour, target.front)), cams)
-        shape_ious[shape] = silhouette_iou(alpha, ref[shape][1])
-    gt_rgb, gt_alpha = ref[target.shape]
+        shape_ious[shape], scales[shape] = scale_aligned_iou(model, object_splats(ToyObject(shape, target.colour)),
+                                                             small)
+    gt = object_splats(target)
+    gt_rgb, gt_alpha = views(gt, cams)
     ours = mean_colour(rgb, alpha)
     colour_distances = {}
     for colour in COLOURS:
@@ -83,7 +110,8 @@ def score_model(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> dict:
         colour_distances[colour] = float((mean_colour(c_rgb, c_alpha) - ours).norm())
     best_shape = max(shape_ious, key=shape_ious.get)
     nearest = min(colour_distances, key=colour_distances.get)
-    return {"prompt": prompt, "object": target.text, "iou": shape_ious[target.shape],
+    return {"prompt": prompt, "object": target.text, "iou": silhouette_iou(alpha, gt_alpha),
+            "aligned_iou": shape_ious[target.shape], "aligned_scale": scales[target.shape],
             "colour_error": colour_error(rgb, gt_rgb, alpha, gt_alpha), "shape_ious": shape_ious,
             "best_shape": best_shape, "shape_ok": best_shape == target.shape,
             "colour_distances": colour_distances, "nearest_colour": nearest, "colour_ok": nearest == target.colour,
@@ -120,7 +148,8 @@ def main(argv=None) -> int:
         return 2
     write_text_atomic(run / "toy_score.json", json.dumps(scores, indent=1))
     save_png(torch.from_numpy(strip(model, prompt)).permute(2, 0, 1).float() / 255, run / "toy_score_views.png")
-    print(json.dumps({k: scores[k] for k in ("object", "iou", "colour_error", "best_shape", "nearest_colour")}))
+    print(json.dumps({k: scores[k] for k in ("object", "iou", "aligned_iou", "aligned_scale", "colour_error",
+                                             "best_shape", "nearest_colour")}))
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -227,8 +228,21 @@ class Trainer:
                                        feature_extractor=None, requires_safety_checker=False)
         with atomic_folder(out) as tmp:
             pipe.save_pretrained(tmp)
+            half_precision(Path(tmp) / "unet" / "diffusion_pytorch_model.safetensors")
             self.tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+            for name in ("vocab.json", "merges.txt"):  # transformers 5 writes tokenizer.json only; older ones need these
+                shutil.copy(self.work / "tokenizer" / name, Path(tmp) / "tokenizer" / name)
             (Path(tmp) / "training_log.json").write_text(json.dumps(self.log))
+
+
+def half_precision(path: Path) -> None:
+    """Store a safetensors file's float32 tensors as float16, in place: the UNet's outputs move by ~2e-4 relative
+    (measured at t = 50, 500, 950), and the committed folder halves. Loading with dtype float32 casts them back."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({k: v.half().contiguous() if v.dtype == torch.float32 else v for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt"})
 
 
 def parse_args(argv=None):

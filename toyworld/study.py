@@ -1,0 +1,206 @@
+"""Score a toy-world batch against ground truth: `python -m toyworld.study output/toy_study`.
+
+For every finished run of a batch.py folder (<out>/runs/<prompt>__<arm>__s<seed>__<hash>/), every saved PLY
+(point_cloud/iteration_N/) is scored by toyworld.score (16 evaluation views: silhouette IoU, colour error, best shape,
+nearest colour); scores are cached per PLY in the run (toy_scores.json). Writes <out>/toy_study.csv (one row per run
+and iteration), <out>/toy_study.md (per arm at the last iteration: mean +- std over runs; the iteration at which each
+arm's mean IoU first reaches vanilla's final mean; the matching loss along training from metrics.jsonl) and
+<out>/toy_study.png (IoU and matching loss along training, per arm). Runs still going are skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scene.gaussian_model import GaussianModel
+from toyworld.score import score_model
+from utils.files import atomic_path, write_text_atomic
+
+RUN_NAME = re.compile(r"^(?P<prompt>.+)__(?P<arm>[^_].*?)__s(?P<seed>\d+)__[0-9a-f]+$")
+CACHE = "toy_scores.json"
+
+
+def run_plys(run: Path) -> dict[int, Path]:
+    """iteration -> PLY of a run's saved models."""
+    out = {}
+    for ply in (run / "point_cloud").glob("iteration_*/point_cloud.ply"):
+        out[int(ply.parent.name.split("_")[1])] = ply
+    return dict(sorted(out.items()))
+
+
+def run_prompt(run: Path) -> str:
+    import yaml
+    for name in ("batch_job.yaml", "config.yaml"):
+        if (run / name).is_file():
+            return yaml.safe_load((run / name).read_text())["GuidanceParams"]["text"]
+    raise ValueError(f"{run} has no config")
+
+
+def score_run(run: Path) -> dict[int, dict]:
+    """Ground-truth scores of each saved PLY of a run, cached in the run folder (keyed by file size and mtime)."""
+    cache_path = run / CACHE
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    prompt = run_prompt(run)
+    out = {}
+    for it, ply in run_plys(run).items():
+        stamp = f"{ply.stat().st_size}:{ply.stat().st_mtime_ns}"
+        entry = cache.get(str(it))
+        if not entry or entry.get("stamp") != stamp:
+            model = GaussianModel(sh_degree=3)
+            model.load_ply(str(ply))
+            entry = {"stamp": stamp, **score_model(model, prompt)}
+            cache[str(it)] = entry
+            write_text_atomic(cache_path, json.dumps(cache, indent=1))
+        out[it] = entry
+    return out
+
+
+def matching_losses(run: Path) -> dict[int, float]:
+    """iteration -> matching loss ("overall" mean of the records' first reading) from the run's metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    out = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            loss = rec.get("matching_loss")
+            if isinstance(loss, dict):
+                loss = loss.get("mean", loss.get("overall"))
+            if isinstance(loss, (int, float)):
+                out[int(rec["iteration"])] = float(loss)
+    return out
+
+
+def collect(out: Path) -> tuple[list[dict], int]:
+    rows, unfinished = [], 0
+    for run in sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []:
+        m = RUN_NAME.match(run.name)
+        if not m or not run.is_dir():
+            continue
+        if not (run / "train_done.json").is_file():
+            unfinished += 1
+            continue
+        losses = matching_losses(run)
+        for it, s in score_run(run).items():
+            rows.append({"run": run.name, "prompt": s["prompt"], "arm": m["arm"], "seed": int(m["seed"]),
+                         "iteration": it, "iou": s["iou"], "colour_error": s["colour_error"],
+                         "shape_ok": s["shape_ok"], "colour_ok": s["colour_ok"], "best_shape": s["best_shape"],
+                         "nearest_colour": s["nearest_colour"], "matching_loss": losses.get(it)})
+    return rows, unfinished
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per arm: the last iteration's mean +- std of each score, and mean IoU per iteration."""
+    by_arm = defaultdict(list)
+    for r in rows:
+        by_arm[r["arm"]].append(r)
+    summary = {}
+    for arm, rs in by_arm.items():
+        last_it = max(r["iteration"] for r in rs)
+        last = [r for r in rs if r["iteration"] == last_it]
+        curve = defaultdict(list)
+        loss_curve = defaultdict(list)
+        for r in rs:
+            curve[r["iteration"]].append(r["iou"])
+            if r["matching_loss"] is not None:
+                loss_curve[r["iteration"]].append(r["matching_loss"])
+        summary[arm] = {
+            "runs": len(last), "iteration": last_it,
+            "iou": _mean_std([r["iou"] for r in last]),
+            "colour_error": _mean_std([r["colour_error"] for r in last]),
+            "shape_ok": float(np.mean([r["shape_ok"] for r in last])),
+            "colour_ok": float(np.mean([r["colour_ok"] for r in last])),
+            "iou_curve": {it: float(np.mean(v)) for it, v in sorted(curve.items())},
+            "loss_curve": {it: float(np.mean(v)) for it, v in sorted(loss_curve.items())}}
+    if "vanilla" in summary:
+        target = summary["vanilla"]["iou"][0]
+        for arm, s in summary.items():
+            s["reaches_vanilla_final_at"] = next((it for it, v in s["iou_curve"].items() if v >= target), None)
+    return summary
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def markdown(summary: dict, unfinished: int) -> str:
+    lines = ["| arm | runs | iteration | IoU | colour error | best shape right | nearest colour right | "
+             "mean IoU first >= vanilla's final at |", "|---|---|---|---|---|---|---|---|"]
+    for arm, s in summary.items():
+        lines.append(f"| {arm} | {s['runs']} | {s['iteration']} | {s['iou'][0]:.3f} +- {s['iou'][1]:.3f} | "
+                     f"{s['colour_error'][0]:.3f} +- {s['colour_error'][1]:.3f} | {s['shape_ok']:.0%} | "
+                     f"{s['colour_ok']:.0%} | {s.get('reaches_vanilla_final_at', '-')} |")
+    iters = sorted({it for s in summary.values() for it in s["iou_curve"]})
+    lines += ["", "Mean IoU along training:", "", "| arm | " + " | ".join(map(str, iters)) + " |",
+              "|---|" + "---|" * len(iters)]
+    for arm, s in summary.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{s['iou_curve'][it]:.3f}" if it in s["iou_curve"] else "-"
+                                                  for it in iters) + " |")
+    if any(s["loss_curve"] for s in summary.values()):
+        its = sorted({it for s in summary.values() for it in s["loss_curve"]})
+        lines += ["", "Mean matching loss along training (metrics.jsonl):", "",
+                  "| arm | " + " | ".join(map(str, its)) + " |", "|---|" + "---|" * len(its)]
+        for arm, s in summary.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{s['loss_curve'][it]:.4f}" if it in s["loss_curve"] else "-"
+                                                      for it in its) + " |")
+    if unfinished:
+        lines += ["", f"{unfinished} run(s) not finished yet (skipped)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for arm, s in summary.items():
+        axes[0].plot(list(s["iou_curve"]), list(s["iou_curve"].values()), marker="o", label=arm)
+        if s["loss_curve"]:
+            axes[1].plot(list(s["loss_curve"]), list(s["loss_curve"].values()), marker=".", label=arm)
+    axes[0].set(title="silhouette IoU vs ground truth", xlabel="iteration")
+    axes[1].set(title="matching loss", xlabel="iteration")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="a batch.py output folder of toy-world prompts")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if not (out / "runs").is_dir():
+        print(f"error: {out} holds no runs/ folder; run batch.py --out {out} first", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    rows, unfinished = collect(out)
+    if not rows:
+        print(f"error: no finished run in {out}/runs yet ({unfinished} unfinished)", file=sys.stderr)
+        return 2
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "toy_study.csv", buf.getvalue())
+    summary = summarise(rows)
+    text = markdown(summary, unfinished)
+    write_text_atomic(out / "toy_study.md", text)
+    plot(summary, out / "toy_study.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
