@@ -117,7 +117,8 @@ def register_tiny_clip() -> str:
 
 
 def parse_clip_models(spec: str | None) -> list[tuple[str, str | None]]:
-    """'NAME:PRETRAINED,...' | 'tiny' | 'toy' | 'none' (no CLIP) | None (the paper's two) -> [(name, pretrained or None)].
+    """'NAME:PRETRAINED,...' | 'tiny' | 'toy' | 'none' (no CLIP) | None (the paper's two)
+    -> [(name, pretrained or None)].
 
     The pretrained part may be a path with ':' in it (only the first ':' splits); 'none' or '' mean random weights."""
     if spec is None:
@@ -142,7 +143,8 @@ def model_label(name: str, pretrained: str | None) -> str:
 
 
 def load_scorer(name: str, pretrained: str | None, device: torch.device | str = "cpu") -> ClipScorer:
-    """A ClipScorer; 'tiny' is the seeded random-weight toy model, 'toy' the CLIP trained on the toy world. Creation never moves the caller's RNG streams."""
+    """A ClipScorer; 'tiny' is the seeded random-weight toy model, 'toy' the CLIP trained on the toy world.
+    Creation never moves the caller's RNG streams."""
     import open_clip
 
     if name == "tiny":

@@ -91,8 +91,9 @@ def score_model(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> dict:
 
     iou, colour_error: against that object; aligned_iou / aligned_scale: the IoU after the best uniform scale
     about the origin (`scale_aligned_iou`, 8 horizontal views at 32 px); shape_ious: aligned IoU against each shape
-    in the prompt's colour, and best_shape its argmax; colour_distances: distance of the model's mean colour inside its silhouette to each
-    colour's ground-truth mean (the prompt's shape), and nearest_colour its argmin; shape_ok / colour_ok."""
+    in the prompt's colour, and best_shape its argmax; colour_distances: distance of the model's mean colour inside
+    its silhouette to each colour's ground-truth mean (the prompt's shape), and nearest_colour its argmin;
+    shape_ok / colour_ok."""
     target = parse_prompt(prompt)
     cams = score_cameras(resolution)
     rgb, alpha = views(model, cams)

@@ -230,7 +230,7 @@ class Trainer:
             pipe.save_pretrained(tmp)
             half_precision(Path(tmp) / "unet" / "diffusion_pytorch_model.safetensors")
             self.tokenizer.save_pretrained(Path(tmp) / "tokenizer")
-            for name in ("vocab.json", "merges.txt"):  # transformers 5 writes tokenizer.json only; older ones need these
+            for name in ("vocab.json", "merges.txt"):  # transformers 5 writes tokenizer.json only; 4.x needs these
                 shutil.copy(self.work / "tokenizer" / name, Path(tmp) / "tokenizer" / name)
             (Path(tmp) / "training_log.json").write_text(json.dumps(self.log))
 

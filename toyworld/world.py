@@ -57,7 +57,7 @@ def all_objects(fronts: bool = True) -> list[ToyObject]:
 
 
 def parse_prompt(text: str) -> ToyObject:
-    """The toy object a prompt names ('a blue cone with a purple front, side view' -> ToyObject('cone', 'blue', True))."""
+    """The toy object a prompt names: 'a blue cone with a purple front, side view' -> ToyObject(cone, blue, True)."""
     low = text.lower()
     shapes = [s for s in SHAPES if re.search(rf"\b{s}\b", low)]
     colours = [c for c in COLOURS if re.search(rf"\b{c}\b", low)]
