@@ -15,33 +15,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from arguments import Config, RunError, load_config
+from arguments import RunError
 from scene import GaussianModel
 from scene.mesh_export import export_model_mesh
 from scene.ply_io import read_ply
-from stages.run import finished_ply, run_entry
+from stages.run import model_source, run_entry
 from utils.device import resolve_device
-
-
-def resolve_source(source: Path) -> tuple[Path, Config]:
-    """The PLY to export and the settings to export it with: a finished run folder's final model and config, or a
-    PLY file with the default settings."""
-    if source.is_file():
-        if source.suffix.lower() != ".ply":
-            raise RunError(f"{source} is not a .ply file; pass a run folder (output/<workspace>) or a 3DGS .ply")
-        return source, Config()
-    if not source.is_dir():
-        raise RunError(f"{source} does not exist; pass a run folder (output/<workspace>) or a 3DGS .ply file")
-    if not (source / "config.yaml").is_file():
-        raise RunError(f"{source} is not a run folder (it has no config.yaml written by train.py); pass "
-                       f"output/<workspace> or a 3DGS .ply file")
-    cfg = load_config(source / "config.yaml")
-    ply = finished_ply(source, cfg)
-    if ply is None:
-        raise RunError(f"run {source} has no finished stage-2 model (no train_done.json naming its final PLY): finish "
-                       f"it with `python train.py --opt {source / 'config.yaml'} --resume`, or pass one of its "
-                       f"point_cloud/iteration_N/point_cloud.ply files")
-    return ply, cfg
 
 
 def main(source: str | Path, *, resolution: Optional[int] = None, threshold: Optional[float] = None,
@@ -49,7 +28,7 @@ def main(source: str | Path, *, resolution: Optional[int] = None, threshold: Opt
     """Export mesh.glb and mesh.obj of `source` into `out` (default: the run folder, or the PLY's folder). Returns
     the written paths."""
     source = Path(source)
-    ply, cfg = resolve_source(source)
+    ply, cfg = model_source(source)
     gaussians = GaussianModel(device=resolve_device(device, "--device"))
     if any(e.name == "vertex" and e.count == 0 for e in read_ply(str(ply)).elements):
         raise RunError(f"{ply} holds no Gaussians: there is nothing to mesh; pass a trained model (a finished run "

@@ -21,30 +21,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from arguments import RunError, load_config
+from arguments import RunError
 from scene.geometry import rotate_gaussians
 from scene.mesh_export import Z_UP_TO_Y_UP
 from scene.ply_io import read_gaussian_ply, write_gaussian_ply
-from stages.run import finished_ply, run_entry
-
-
-def source_ply(source: Path) -> Path:
-    """The PLY to export: a .ply file as it is, or a finished run folder's final model."""
-    if source.is_file():
-        if source.suffix.lower() != ".ply":
-            raise RunError(f"{source} is not a .ply file; pass a run folder (output/<workspace>) or a 3DGS .ply")
-        return source
-    if not source.is_dir():
-        raise RunError(f"{source} does not exist; pass a run folder (output/<workspace>) or a 3DGS .ply file")
-    if not (source / "config.yaml").is_file():
-        raise RunError(f"{source} is not a run folder (it has no config.yaml written by train.py); pass "
-                       f"output/<workspace> or a 3DGS .ply file")
-    ply = finished_ply(source, load_config(source / "config.yaml"))
-    if ply is None:
-        raise RunError(f"run {source} has no finished stage-2 model (no train_done.json naming its final PLY): finish "
-                       f"it with `python train.py --opt {source / 'config.yaml'} --resume`, or pass one of its "
-                       f"point_cloud/iteration_N/point_cloud.ply files")
-    return ply
+from stages.run import model_source, run_entry
 
 
 def output_path(source: Path, ply: Path, out: Optional[str | Path], y_up: bool) -> Path:
@@ -68,7 +49,7 @@ def output_path(source: Path, ply: Path, out: Optional[str | Path], y_up: bool) 
 def main(source: str | Path, *, y_up: bool = False, out: Optional[str | Path] = None) -> Path:
     """Write `source`'s Gaussians (turned to Y up with y_up) to a new PLY; returns its path."""
     source = Path(source)
-    ply = source_ply(source)
+    ply, _ = model_source(source)
     path = output_path(source, ply, out, y_up)
     data = read_gaussian_ply(str(ply))  # one-line PlyFormatError for anything that is no 3DGS PLY
     n = len(data["xyz"])

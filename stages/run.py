@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from arguments import Config, RunError, run_dir
+from arguments import Config, RunError, load_config, run_dir
 from arguments.checks import check_config
 from gaussian_renderer import BackendUnavailableError, resolve_backend
 from guidance.lora_training import load_lora, read_lora_metadata
@@ -187,6 +187,27 @@ def finished_ply(run: Path, cfg: Config) -> Path | None:
         return ply if info.get("iterations") == cfg.OptimizationParams.iterations and ply.is_file() else None
     ply = run / "point_cloud" / f"iteration_{cfg.OptimizationParams.iterations}" / "point_cloud.ply"
     return ply if ply.is_file() else None
+
+
+def model_source(source: Path) -> tuple[Path, Config]:
+    """The model a tool works on and its run's settings: a finished run folder's final PLY and config (the PLY
+    train_done.json names), or a .ply file with the default settings. Anything else: a one-line RunError."""
+    if source.is_file():
+        if source.suffix.lower() != ".ply":
+            raise RunError(f"{source} is not a .ply file; pass a run folder (output/<workspace>) or a 3DGS .ply")
+        return source, Config()
+    if not source.is_dir():
+        raise RunError(f"{source} does not exist; pass a run folder (output/<workspace>) or a 3DGS .ply file")
+    if not (source / "config.yaml").is_file():
+        raise RunError(f"{source} is not a run folder (it has no config.yaml written by train.py); pass "
+                       f"output/<workspace> or a 3DGS .ply file")
+    cfg = load_config(source / "config.yaml")
+    ply = finished_ply(source, cfg)
+    if ply is None:
+        raise RunError(f"run {source} has no finished stage-2 model (no train_done.json naming its final PLY): finish "
+                       f"it with `python train.py --opt {source / 'config.yaml'} --resume`, or pass one of its "
+                       f"point_cloud/iteration_N/point_cloud.ply files")
+    return ply, cfg
 
 
 # ---------------------------------------------------------------------------------------------- checks and CLI

@@ -65,9 +65,9 @@ def main(argv=None) -> int:
     acc = {"prompt": right(lambda o: o), "shape": right(lambda o: o.shape), "colour": right(lambda o: o.colour),
            "front": right(lambda o: o.front)}
     save_png(image_grid(samples[:len(prompts)], 8), out / "toy_prior_samples.png")
-    plot_losses(out)
     prior_log = json.loads((TOY_PRIOR_DIR / "training_log.json").read_text())
     clip_log = json.loads((TOY_CLIP_DIR / "training_log.json").read_text())
+    plot_losses(out, prior_log, clip_log)
     card = render_card(acc, len(samples), sample_s, prior_log, clip_log, prompts)
     write_text_atomic(out / "README.md", card)
     write_text_atomic(out / "card.json", json.dumps({"accuracy": acc, "samples": len(samples)}, indent=1))
@@ -75,15 +75,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def plot_losses(out: Path) -> None:
+def plot_losses(out: Path, prior_log: list, clip_log: list) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from utils.files import atomic_path
 
-    prior_log = json.loads((TOY_PRIOR_DIR / "training_log.json").read_text())
-    clip_log = json.loads((TOY_CLIP_DIR / "training_log.json").read_text())
     fig, axes = plt.subplots(1, 3, figsize=(12, 3))
     for ax, (name, rows) in zip(axes, [("autoencoder", [r for r in prior_log if r["phase"] == "vae"]),
                                        ("UNet + text encoder", [r for r in prior_log if r["phase"] == "unet"]),

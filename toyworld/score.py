@@ -129,50 +129,32 @@ def strip(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    from arguments import RunError
     from scene.gaussian_model import GaussianModel
+    from stages.run import model_source
     from utils.files import write_text_atomic
     from utils.image_io import save_png
 
     p = argparse.ArgumentParser(description="Score a run's final model against the toy world's ground truth.")
-    p.add_argument("workspace", help="a run folder (output/<workspace>) of a toy-world prompt")
+    p.add_argument("workspace", help="a finished run folder (output/<workspace>) of a toy-world prompt, or a PLY")
     p.add_argument("--prompt", help="the prompt (default: the run's saved config)")
     args = p.parse_args(argv)
     run = Path(args.workspace)
     try:
-        ply = _final_ply(run)
-        prompt = args.prompt or _run_prompt(run)
+        ply, cfg = model_source(run)
+        prompt = args.prompt or cfg.GuidanceParams.text
         model = GaussianModel(sh_degree=3)
         model.load_ply(str(ply))
         scores = score_model(model, prompt)
-    except (ValueError, FileNotFoundError) as err:
+    except (RunError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_text_atomic(run / "toy_score.json", json.dumps(scores, indent=1))
-    save_png(torch.from_numpy(strip(model, prompt)).permute(2, 0, 1).float() / 255, run / "toy_score_views.png")
+    folder = run if run.is_dir() else ply.parent
+    write_text_atomic(folder / "toy_score.json", json.dumps(scores, indent=1))
+    save_png(torch.from_numpy(strip(model, prompt)).permute(2, 0, 1).float() / 255, folder / "toy_score_views.png")
     print(json.dumps({k: scores[k] for k in ("object", "iou", "aligned_iou", "aligned_scale", "colour_error",
                                              "best_shape", "nearest_colour")}))
     return 0
-
-
-def _final_ply(run: Path) -> Path:
-    from stages.run import DONE_MARKER
-
-    marker = run / DONE_MARKER
-    if not marker.is_file():
-        raise ValueError(f"{run} holds no finished stage-2 run ({DONE_MARKER} missing); run train.py to the end first")
-    ply = run / json.loads(marker.read_text()).get("ply", "")
-    if not ply.is_file():
-        raise ValueError(f"{marker} names {ply}, which is missing")
-    return ply
-
-
-def _run_prompt(run: Path) -> str:
-    import yaml
-
-    cfg = run / "config.yaml"
-    if not cfg.is_file():
-        raise ValueError(f"{cfg} not found; pass --prompt")
-    return yaml.safe_load(cfg.read_text())["GuidanceParams"]["text"]
 
 
 if __name__ == "__main__":

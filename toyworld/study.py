@@ -65,15 +65,13 @@ def score_run(run: Path) -> dict[int, dict]:
 
 
 def matching_losses(run: Path) -> dict[int, float]:
-    """iteration -> matching loss ("overall" mean of the records' first reading) from the run's metrics.jsonl."""
+    """iteration -> matching loss (the monitor's overall mean) from the run's metrics.jsonl."""
     path = run / "metrics.jsonl"
     out = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             loss = rec.get("matching_loss")
-            if isinstance(loss, dict):
-                loss = loss.get("mean", loss.get("overall"))
             if isinstance(loss, (int, float)):
                 out[int(rec["iteration"])] = float(loss)
     return out

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from evaluation.clip import TOY_CLIP_DIR, TOY_CLIP_NAME
 from toyworld.data import cached_dataset, composite
 from utils.files import atomic_folder, atomic_path
 
 REPO = Path(__file__).resolve().parent
-DEFAULT_OUT = REPO / "weights" / "clip"
-TOY_CLIP_NAME = "ptd-toy-clip"
+DEFAULT_OUT = TOY_CLIP_DIR  # where evaluation.clip loads --clip-models toy from
 TOY_CLIP_CONFIG = {"embed_dim": 64,
                    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
                    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}

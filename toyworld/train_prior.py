@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from guidance.sd_utils import TOY_PRIOR_DIR
 from guidance.tiny import build_tiny_tokenizer
 from toyworld.data import cached_dataset, composite
 from utils.files import atomic_folder, atomic_path
 
 REPO = Path(__file__).resolve().parent
-DEFAULT_OUT = REPO / "weights" / "prior"
+DEFAULT_OUT = TOY_PRIOR_DIR  # where model_key: toy resolves
 EMPTY_CAPTION = 0.15
 NOT_SETTINGS = ("resume", "work", "out", "threads", "export_only", "stop_after")
 
