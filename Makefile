@@ -16,8 +16,11 @@ $(STAMP): requirements-test.txt setup.py
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
+# CI has 2 cores: the suite runs on 2 xdist workers, a test file per worker at a time (module fixtures, Ray's local
+# instance and the end-to-end runs stay on one worker); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
 test: venv
-	$(OFFLINE) $(VPY) -m pytest -q
+	$(OFFLINE) $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # the main job end to end on the toy prior on CPU: stage 1 (form the path), stage 2 (trace it), PLY + 360-degree video,
 # scored against the toy world's ground truth

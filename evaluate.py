@@ -33,7 +33,7 @@ from evaluation.ab_report import write_ab_report
 from evaluation.clip import clip_scores, load_scorers, parse_clip_models, rig_images
 from evaluation import MATCHING
 from evaluation.ood import matching_loss_summary, probe_inputs
-from scene import GaussianModel
+from scene.nerf_io import load_model
 from stages.run import DONE_MARKER, background, finished_ply, make_guidance, run_entry
 from utils.device import resolve_device
 from utils.files import write_json_atomic, write_text_atomic
@@ -70,8 +70,7 @@ def score_run(run: Path, cfg, ply: Path, scorers: dict, resolution: int, device:
               matching: bool = False) -> dict:
     """One run: the rig's renders of its final PLY scored by every CLIP model; with `matching` also the final
     model's matching loss (Eq. 5) under the prior."""
-    gaussians = GaussianModel(cfg.ModelParams.sh_degree, device=device)
-    gaussians.load_ply(str(ply))
+    gaussians = load_model(ply, device)  # the run's Gaussians (PLY) or NeRF (nerf.safetensors)
     row = {"run": run.name, "path": str(run), "prompt": cfg.GuidanceParams.text, "ply": str(ply),
            "num_points": int(gaussians.num_points), "views": 0, "scores": {}}
     if scorers:

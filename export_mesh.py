@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from arguments import RunError
-from scene import GaussianModel
 from scene.mesh_export import export_model_mesh
+from scene.nerf_io import export_nerf_mesh, load_model
 from scene.ply_io import read_ply
 from stages.run import model_source, run_entry
 from utils.device import resolve_device
@@ -29,16 +29,18 @@ def main(source: str | Path, *, resolution: Optional[int] = None, threshold: Opt
     the written paths."""
     source = Path(source)
     ply, cfg = model_source(source)
-    gaussians = GaussianModel(device=resolve_device(device, "--device"))
-    if any(e.name == "vertex" and e.count == 0 for e in read_ply(str(ply)).elements):
+    nerf = cfg.ModelParams.representation == "nerf"  # its nerf.safetensors: the level set of the density field
+    if not nerf and any(e.name == "vertex" and e.count == 0 for e in read_ply(str(ply)).elements):
         raise RunError(f"{ply} holds no Gaussians: there is nothing to mesh; pass a trained model (a finished run "
                        f"folder or its final point_cloud.ply)")
-    gaussians.load_ply(str(ply))
+    gaussians = load_model(ply, resolve_device(device, "--device"))
     folder = Path(out) if out is not None else (source if source.is_dir() else ply.parent)
     resolution = cfg.mesh_resolution if resolution is None else resolution
     threshold = cfg.mesh_threshold if threshold is None else threshold
-    mesh, paths = export_model_mesh(gaussians, folder, resolution, threshold, y_up=y_up)
-    print(f"{ply}: {gaussians.num_points} Gaussians -> {len(mesh.vertices)} vertices, {len(mesh.faces)} faces "
+    mesh, paths = (export_nerf_mesh if nerf else export_model_mesh)(gaussians, folder, resolution, threshold,
+                                                                    y_up=y_up)
+    what = f"NeRF ({gaussians.num_points} occupied cells)" if nerf else f"{gaussians.num_points} Gaussians"
+    print(f"{ply}: {what} -> {len(mesh.vertices)} vertices, {len(mesh.faces)} faces "
           f"(resolution {resolution}, threshold {threshold:g}, {'Y' if y_up else 'Z'} up)")
     return paths
 
@@ -47,7 +49,8 @@ def cli(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Export a run's Gaussians as mesh.glb and mesh.obj (marching cubes of the opacity field, vertex "
                     "colours from the Gaussians' SH DC colours).")
-    parser.add_argument("source", help="a run folder (output/<workspace>: its final model) or a 3DGS .ply file")
+    parser.add_argument("source", help="a run folder (output/<workspace>: its final model), a 3DGS .ply file or a "
+                                       "NeRF run's nerf.safetensors")
     parser.add_argument("--resolution", type=int, default=None,
                         help="grid points along the longest side of the Gaussians' box, 8..1024 (default: the run's "
                              "mesh_resolution, 256); cost grows with its cube")

@@ -25,7 +25,7 @@ from evaluation.plots import plot_denoising_report
 from gaussian_renderer import render_views
 from guidance.lora_merge import load_adapter_weights, scale
 from guidance.lora_training import METADATA_NAME, add_path_lora, denoising_loss, fit_lora, lora_state_dict, save_lora
-from stages.run import (PATH_ADAPTER, background, configure_torch, describe_run, init_key, initial_gaussians,
+from stages.run import (PATH_ADAPTER, background, configure_torch, describe_run, init_key, initial_model,
                         lock_workspace, make_guidance, make_sampler, path_lora_dir, path_metadata, run_entry, validate)
 from utils.device import resolve_device
 from utils.files import atomic_path, remove_temporaries, stable_hash, write_json_atomic
@@ -143,7 +143,7 @@ def form_path(cfg: Config, overwrite: bool = False, resume: bool = False) -> Pat
     device = start_run(cfg)
     with lock_workspace(cfg):  # no other stage writes this workspace meanwhile
         remove_temporaries(run_dir(cfg))  # what a killed stage left half-written
-        gaussians = initial_gaussians(cfg, device)
+        gaussians = initial_model(cfg, device)  # Gaussians or a NeRF (ModelParams.representation)
         guidance = make_guidance(cfg, device)
         ran = describe_run(cfg, guidance, device)
         print(f"stage 1: {ran}")

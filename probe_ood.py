@@ -42,7 +42,7 @@ from gaussian_renderer import render_views
 from guidance.lora_merge import set_scale
 from guidance.lora_training import METADATA_NAME
 from guidance.stf import aggregate_by_timestep
-from stages.run import (PATH_ADAPTER, background, initial_gaussians, load_path_lora, make_guidance, make_sampler,
+from stages.run import (PATH_ADAPTER, background, initial_model, load_path_lora, make_guidance, make_sampler,
                         path_lora_dir, run_entry, validate)
 from utils.device import resolve_device
 from utils.files import write_json_atomic, write_text_atomic
@@ -87,7 +87,7 @@ def measure(cfg: Config, network: str, num_refs: int, num_generated: int, timest
     device = resolve_device(cfg.device)
     validate(cfg, device)
     seed_everything(cfg.seed)
-    gaussians = initial_gaussians(cfg, device, create=False)
+    gaussians = initial_model(cfg, device, create=False)  # Gaussians or a NeRF (ModelParams.representation)
     guidance = make_guidance(cfg, device)
     c, folder = cfg.GenerateCamParams, run_dir(cfg) / "probe"
     generated = cached_prior_latents(folder, guidance, num_generated, cfg.seed + 1, c.image_h, c.image_w,

@@ -31,10 +31,13 @@ from guidance.ptd_utils import PathTracer
 from guidance.sd_utils import StableDiffusionGuidance
 from scene import GaussianModel, OrbitCameraSampler, circle_cameras
 from scene.mesh_export import MESH_FILES
+from scene.nerf_io import MODEL_FILES, save_model
+from scene.nerf_model import NeRFModel
 from stages.mesh import export_run_mesh
+from stages.reference_view import ReferenceView, load_reference_view, reference_step
 from stages.run import (DONE_MARKER, PATH_ADAPTER, background, check_path_metadata, configure_torch, describe_run,
-                        final_ply_path, initial_gaussians, load_path_lora, lock_workspace, make_guidance, make_sampler,
-                        mark_finished, path_lora_dir, run_entry, scene_extent, validate)
+                        final_ply_path, initial_model, load_path_lora, lock_workspace, make_guidance, make_sampler,
+                        mark_finished, path_lora_dir, run_entry, scene_extent, speed_switches, validate)
 from utils.device import resolve_device
 from utils.files import WriteError, atomic_path, remove_temporaries
 from utils.image_io import image_grid, save_png, to_uint8, write_video
@@ -57,7 +60,7 @@ STAGE2_OUTPUTS = ("point_cloud", "videos", "test_six_views", CHECKPOINT_DIR, DON
 class TrainState:
     """Everything stage 2 carries from one iteration to the next (what a checkpoint saves, by name, plus the parts
     built once: the guidance, the outputs' schedule, the monitor)."""
-    gaussians: GaussianModel
+    gaussians: GaussianModel | NeRFModel  # the 3D model (ModelParams.representation); "gaussians" in checkpoints
     guidance: StableDiffusionGuidance
     tracer: PathTracer | None  # None: PTD off, stock LucidDreamer
     sampler: OrbitCameraSampler
@@ -66,6 +69,7 @@ class TrainState:
     tests: set[int] = field(default_factory=set)  # iterations that save test views
     nonfinite_streak: int = 0  # iterations in a row skipped by the NaN guard
     monitor: TrainingMonitor = field(default_factory=TrainingMonitor)
+    reference: ReferenceView | None = None  # image-to-3D's fixed view and picture (GenerateCamParams.ref_image)
 
 
 def make_tracer(cfg: Config, guidance) -> PathTracer | None:
@@ -77,7 +81,8 @@ def make_tracer(cfg: Config, guidance) -> PathTracer | None:
     checkpoints = []
     if p.mode == "checkpoints":
         checkpoints = [read_lora_state_dict(s) for s in path_checkpoints(cfg)]
-    return lora_merge.make_tracer(p.mode, guidance.unet, merge=p.merge_lora, total_steps=p.total_steps,
+    fold = speed_switches(cfg, guidance.device)[1]  # PTDParams.fold_lora: auto = on for CUDA
+    return lora_merge.make_tracer(p.mode, guidance.unet, fold=fold, total_steps=p.total_steps,
                                   power=p.power, adapter_name=PATH_ADAPTER, checkpoints=checkpoints,
                                   switch_interval=p.switch_interval)
 
@@ -104,7 +109,9 @@ def path_checkpoints(cfg: Config) -> list[Path]:
 
 def render_batch(cfg: Config, views, gaussians, bg: torch.Tensor, gen: torch.Generator) -> dict:
     """Render the iteration's views with LucidDreamer's training augmentations (background swap, SH-degree drop,
-    scale noise), all drawn from `gen`. Returns stacked images/disparities/scales and the per-view packages."""
+    scale noise), all drawn from `gen`. Returns stacked images/disparities/scales and the per-view packages.
+    A NeRF takes the background swap; the SH drop and scale noise do not apply to it (their draws are still made),
+    and its ray samples are jittered from `gen` instead."""
     m = cfg.ModelParams
     images, disps, scales, pkgs = [], [], [], []
     for view in views:
@@ -127,6 +134,9 @@ def render_batch(cfg: Config, views, gaussians, bg: torch.Tensor, gen: torch.Gen
 def densify(cfg: Config, iteration: int, gaussians, pkgs, gen: torch.Generator) -> None:
     """Densification statistics and the densify/prune/opacity-reset schedule of stock LucidDreamer."""
     o = cfg.OptimizationParams
+    if getattr(gaussians, "is_radiance_field", False):  # NeRF: nothing to densify, prune or reset; its occupancy
+        gaussians.step_occupancy(iteration)  # grid (empty-space skipping) is refreshed every occupancy_interval
+        return
     if iteration >= o.densify_until_iter:
         return
     with torch.no_grad():
@@ -166,8 +176,14 @@ def train_step(cfg: Config, iteration: int, state: TrainState) -> dict:
     inputs = batch["disparity"].repeat(1, 3, 1, 1) if as_latent else batch["images"]
     out = guidance.train_step(inputs, [v.delta_azimuth for v in views], iteration)
     loss_tv = tv_loss(batch["images"]) + tv_loss(batch["disparity"])
-    loss_scale = scale_loss(batch["scales"])
+    # NeRF: no scales, no scale loss (its density is regularised by the TV losses and the ISM gradient alone)
+    is_field = getattr(gaussians, "is_radiance_field", False)
+    loss_scale = batch["scales"].new_zeros(()) if is_field else scale_loss(batch["scales"])
     loss = out["loss"] + o.lambda_tv * loss_tv + o.lambda_scale * loss_scale
+    ref_logs = {}
+    if state.reference is not None:  # image-to-3D: RGB + mask loss at the fixed front view (stages/reference_view.py)
+        ref_loss, ref_logs = reference_step(cfg, state.reference, gaussians, state.bg)
+        loss = loss + ref_loss
     loss.backward()
     # NaN guard: a non-finite guidance gradient (before its cleaning), loss or parameter gradient skips the whole
     # update (densification included)
@@ -184,7 +200,7 @@ def train_step(cfg: Config, iteration: int, state: TrainState) -> dict:
     logs = {"loss/ism_mse": out["mse"].item(), "loss/tv": loss_tv.item(), "loss/scale": loss_scale.item(),
             "guidance/t_index": out["t_index"], "guidance/s_index": out["s_index"],
             "guidance/as_latent": float(as_latent), "scene/total_points": gaussians.num_points,
-            "nonfinite/skipped": float(not finite)}
+            "nonfinite/skipped": float(not finite), **ref_logs}
     if weight is not None:
         logs["ptd/weight"] = weight
     return logs
@@ -255,9 +271,8 @@ def save_video(cfg: Config, gaussians, iteration: int, device: torch.device) -> 
 
 
 def save_point_cloud(cfg: Config, gaussians, iteration: int) -> Path:
-    path = run_dir(cfg) / "point_cloud" / f"iteration_{iteration}" / "point_cloud.ply"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    gaussians.save_ply(str(path))
+    path = run_dir(cfg) / "point_cloud" / f"iteration_{iteration}" / MODEL_FILES[cfg.ModelParams.representation]
+    save_model(gaussians, path)  # a PLY, or a NeRF's nerf.safetensors
     return path
 
 
@@ -345,17 +360,21 @@ def discard_outputs(paths: list[Path]) -> None:
 # ---------------------------------------------------------------------------------------------- main
 def setup(cfg: Config, device: torch.device) -> TrainState:
     # PTD reads stage 1's initial Gaussians; a workspace that reuses another run's path LoRA (PTDParams.path_lora)
-    # builds them again: the path's metadata matched this config's init key, and the build is seeded (Point-E's is
-    # not reproducible: it needs the PLY)
-    create = cfg.PTDParams.mode == "off" or cfg.GenerateCamParams.init_shape != "pointe"
-    gaussians = initial_gaussians(cfg, device, create=create)
+    # builds them again: the path's metadata matched this config's init key, and the build is seeded (Point-E's and
+    # SF3D's are not reproducible: they need the PLY)
+    create = cfg.PTDParams.mode == "off" or cfg.GenerateCamParams.init_shape not in ("pointe", "sf3d")
+    gaussians = initial_model(cfg, device, create=create)  # Gaussians or a NeRF (ModelParams.representation)
     gaussians.training_setup(cfg.OptimizationParams)
-    guidance = make_guidance(cfg, device)
-    tracer = make_tracer(cfg, guidance)
+    guidance = make_guidance(cfg, device, compiled=speed_switches(cfg, device)[0])
+    tracer = make_tracer(cfg, guidance)  # folds the path LoRA before the UNet is compiled
+    if guidance.compiled_unet is not None:  # PipelineParams.compile: the UNet's graphs, before iteration 1
+        c = cfg.GenerateCamParams
+        seconds = guidance.warm_up(cfg.GuidanceParams.C_batch_size, c.image_h, c.image_w)
+        print(f"stage 2: compile warm-up (UNet graphs of an iteration's shapes): {seconds:.1f} s", file=sys.stderr)
     seed_everything(cfg.seed)  # the loop's global stream starts alike in both arms, whatever the setup drew
     return TrainState(gaussians=gaussians, guidance=guidance, tracer=tracer, sampler=make_sampler(cfg, device),
                       gen=torch.Generator().manual_seed(cfg.seed), bg=background(cfg, device),
-                      tests=test_iterations(cfg))
+                      tests=test_iterations(cfg), reference=load_reference_view(cfg, device))
 
 
 def prepare_run(cfg: Config, device: torch.device, resume: bool, overwrite: bool) -> None:

@@ -22,16 +22,17 @@ import yaml
 from arguments.errors import ConfigError, RunError
 from arguments.help import config_help
 from arguments.params import (RETIRED, STOCK_UNUSED, Config, EvalParams, GenerateCamParams, GuidanceParams, ModelParams,
-                              OptimizationParams, PipelineParams, PTDParams)
+                              NeRFParams, OptimizationParams, PipelineParams, PTDParams)
 from utils.files import write_text_atomic
 
 __all__ = ["Config", "ConfigError", "RunError", "EvalParams", "GenerateCamParams", "GuidanceParams", "ModelParams",
-           "OptimizationParams", "PipelineParams", "PTDParams", "apply_override", "config_from_dict", "config_to_dict",
+           "NeRFParams", "OptimizationParams", "PipelineParams", "PTDParams", "apply_override", "config_from_dict",
+           "config_to_dict",
            "load_config", "parse_cli", "save_config", "run_dir"]
 
 # the YAML sections, in file order
 GROUPS = ["ModelParams", "PipelineParams", "OptimizationParams", "GuidanceParams", "GenerateCamParams", "PTDParams",
-          "EvalParams"]
+          "EvalParams", "NeRFParams"]
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -13,17 +13,22 @@ from typing import Sequence
 
 from arguments.errors import ConfigError
 from arguments.params import Config, GuidanceParams
+from utils.reference_image import ReferenceImageError, fit_to_size, load_reference
 
 PTD_MODES = ("off", "weighted", "checkpoints")
 DENSIFY_STATS = ("last", "all")
 DEPTH_GRADS = ("alpha", "full")
 DEVICE_TYPES = ("cpu", "cuda")  # gpu-only: the device kinds a run may name (a config value, not a placement)
+SWITCHES = ("auto", "on", "off")  # PipelineParams.compile, PTDParams.fold_lora
 # render sizes must divide by the VAE's downsampling factor (Stable Diffusion's and the tiny prior's: 8)
 VAE_FACTOR = 8
 # sizes refused before they become a MemoryError deep in a run
 MAX_IMAGE_SIDE = 8192
 MAX_INIT_POINTS = 50_000_000
 MAX_SEED = 2 ** 32 - 1  # numpy's seed range; torch's generators take it too
+REPRESENTATIONS = ("gaussians", "nerf")
+DENSITY_ACTIVATIONS = ("softplus", "exp")
+MAX_GRID_SIDE = 1024  # a NeRF grid side: 1024^3 cells of the occupancy grid are already 1 GiB of booleans
 
 
 def check_guidance_params(gp: GuidanceParams) -> None:
@@ -39,6 +44,22 @@ def check_guidance_params(gp: GuidanceParams) -> None:
     if len(gp.t_range) != 2 or not 0 <= gp.t_range[0] < gp.t_range[1] <= gp.max_t_range <= 1:
         raise ConfigError(f"GuidanceParams needs 0 <= t_range[0] < t_range[1] <= max_t_range <= 1, got t_range="
                           f"{list(gp.t_range)}, max_t_range={gp.max_t_range}")
+
+
+def switch_on(value: str, device_type: str) -> bool:
+    """An auto | on | off switch resolved for a device kind: auto is on for CUDA, off for CPU."""
+    return value == "on" or (value == "auto" and device_type == "cuda")
+
+
+def check_speed_switches(cfg: Config) -> None:
+    """PipelineParams.compile and PTDParams.fold_lora: auto | on | off, and no compiled UNet over peft's branch."""
+    for key, value in (("PipelineParams.compile", cfg.PipelineParams.compile),
+                       ("PTDParams.fold_lora", cfg.PTDParams.fold_lora)):
+        if value not in SWITCHES:
+            raise ConfigError(f"{key} '{value}' is not auto, on or off (auto: on for CUDA, off for CPU)")
+    if cfg.PipelineParams.compile == "on" and cfg.PTDParams.fold_lora == "off" and cfg.PTDParams.mode != "off":
+        raise ConfigError("PipelineParams.compile=on needs PTDParams.fold_lora auto or on: peft's LoRA branch would "
+                          "recompile the UNet at every weight change")
 
 
 def check_timesteps(timesteps: Sequence[int], what: str) -> None:
@@ -100,7 +121,55 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"GuidanceParams.LoRA_path '{lora_path}' is not a .safetensors file; give a lora_diffusion "
                           f"file (stock's, or path_lora/lora_diffusion.safetensors of form_path.py) or remove the key")
     check_eval_params(cfg)
+    check_speed_switches(cfg)
+    check_nerf_params(cfg)
     check_ranges(cfg)
+
+
+def check_nerf_params(cfg: Config) -> None:
+    """ModelParams.representation and, for nerf, NeRFParams (checked whatever the representation: a saved config
+    stays loadable when the representation is switched)."""
+    m, n = cfg.ModelParams, cfg.NeRFParams
+    if m.representation not in REPRESENTATIONS:
+        raise ConfigError(f"ModelParams.representation '{m.representation}' is not one of {', '.join(REPRESENTATIONS)}")
+    if n.density_activation not in DENSITY_ACTIVATIONS:
+        raise ConfigError(f"NeRFParams.density_activation '{n.density_activation}' is not one of "
+                          f"{', '.join(DENSITY_ACTIVATIONS)}")
+    _at_least({"NeRFParams.plane_resolution": n.plane_resolution, "NeRFParams.init_resolution": n.init_resolution},
+              2)
+    _at_least({"NeRFParams.plane_features": n.plane_features, "NeRFParams.hidden_dim": n.hidden_dim,
+               "NeRFParams.num_samples": n.num_samples, "NeRFParams.occupancy_resolution": n.occupancy_resolution,
+               "NeRFParams.occupancy_interval": n.occupancy_interval}, 1)
+    _at_least({"NeRFParams.occupancy_threshold": n.occupancy_threshold, "NeRFParams.lr_planes": n.lr_planes,
+               "NeRFParams.lr_mlp": n.lr_mlp}, 0)
+    for key in ("bound", "density_bias_scale"):
+        if not 0 < getattr(n, key) < math.inf:
+            raise ConfigError(f"NeRFParams.{key} must be a positive number, got {getattr(n, key)}")
+    for key in ("plane_resolution", "init_resolution", "occupancy_resolution"):
+        if getattr(n, key) > MAX_GRID_SIDE:
+            raise ConfigError(f"NeRFParams.{key} must be at most {MAX_GRID_SIDE}, got {getattr(n, key)}")
+    check_reference_image(cfg)  # after the render size is checked: the picture is resized to it
+
+
+def check_reference_image(cfg: Config) -> None:
+    """Image-to-3D: the picture loads, has an alpha channel or a plain background to key out, and fits the render
+    size (utils/reference_image.py states the rules); its loss weights are not negative; sf3d needs the picture."""
+    c, o = cfg.GenerateCamParams, cfg.OptimizationParams
+    if c.init_shape == "sf3d" and c.ref_image is None:
+        raise ConfigError("GenerateCamParams.init_shape=sf3d makes the initial mesh from the reference picture; set "
+                          "GenerateCamParams.ref_image=path/to/picture.png or choose another init_shape")
+    if c.ref_image is None:
+        return
+    if o.lambda_ref_rgb < 0 or o.lambda_ref_mask < 0:
+        raise ConfigError(f"OptimizationParams.lambda_ref_rgb and lambda_ref_mask must be >= 0 (1000 and 100), got "
+                          f"{o.lambda_ref_rgb} and {o.lambda_ref_mask}")
+    try:
+        ref = fit_to_size(load_reference(c.ref_image), c.image_w, c.image_h)
+    except ReferenceImageError as err:
+        raise ConfigError(f"GenerateCamParams.ref_image {err}") from None
+    if ref.mask.max() <= 0.5:
+        raise ConfigError(f"GenerateCamParams.ref_image '{c.ref_image}': the object covers no pixel at the render "
+                          f"size {c.image_w}x{c.image_h}; crop the picture closer around it")
 
 
 def check_workspace(workspace: str) -> None:

@@ -28,15 +28,22 @@ class ModelParams:
     bg_aug_ratio: float = 0.5
     # probability (in [0, 1]) of the render-time scale noise (s + N(0,1) sqrt(0.2) s / 4)
     scale_aug_ratio: float = 1.0
+    # 3D representation: gaussians (stock LucidDreamer: 3D Gaussian splatting) | nerf (a radiance field volume-
+    # rendered on any device, settings in NeRFParams; paper §6.2)
+    representation: str = "gaussians"
 
 
 @dataclass
 class PipelineParams:
-    # rasterizer: auto (inria, else gsplat, else torch, by what imports and where the tensors live) | torch | gsplat | inria
+    # rasterizer: auto (inria, else gsplat, else torch, by what imports and where the tensors live) | torch | gsplat
+    # | inria; a run's first line names the one it uses
     backend: str = "auto"
     # how the depth image's gradient reaches the Gaussians: alpha (stock: LucidDreamer's rasteriser fork holds each
     # Gaussian's z constant) | full (also through z; torch and gsplat backends)
     depth_grad: str = "alpha"
+    # capture the guidance's UNet calls as CUDA graphs (torch.compile, mode reduce-overhead; a warm-up before
+    # iteration 1 compiles each batch shape): auto (on for CUDA, off for CPU) | on | off
+    compile: str = "auto"
 
 
 @dataclass
@@ -104,6 +111,13 @@ class OptimizationParams:
     checkpoint_interval: int = 500
     # stop after this many iterations in a row with a non-finite loss or gradient (each one is skipped; >= 1)
     max_nonfinite_steps: int = 10
+    # image-to-3D (GenerateCamParams.ref_image): weight of the reference view's colour loss, the mean over the picture
+    # of mask * (render - picture)^2 (>= 0). DreamGaussian and threestudio's Magic123 use 10000 against SDS at weight
+    # 1; our ISM gradient carries lambda_guidance 0.1, hence a tenth
+    lambda_ref_rgb: float = 1000.0
+    # image-to-3D: weight of the reference view's mask loss, the mean of (alpha - mask)^2 (>= 0; DreamGaussian,
+    # Magic123: 1000, a tenth as above)
+    lambda_ref_mask: float = 100.0
 
 
 @dataclass
@@ -167,10 +181,15 @@ class GuidanceParams:
 
 @dataclass
 class GenerateCamParams:
-    # initial 3D model: sphere | pointe | file (a .ply point cloud or a mesh .obj/.glb/.ply in init_path)
+    # initial 3D model: sphere | pointe | file (a .ply point cloud or a mesh .obj/.glb/.ply in init_path) | sf3d (a
+    # Stable Fast 3D mesh of ref_image, as the paper's App. L; needs the sf3d package and CUDA, else the sphere)
     init_shape: str = "sphere"
     # file of init_shape=file
     init_path: Optional[str] = None
+    # image-to-3D: a picture of the object (RGBA, or RGB on a plain background, keyed out) seen from the front view
+    # (azimuth 0, default_polar, default_radius, default_fovy); stage 2 adds its RGB + mask loss (lambda_ref_rgb,
+    # lambda_ref_mask). null: text-to-3D (stock)
+    ref_image: Optional[str] = None
     # text of the Point-E initialisation
     init_prompt: str = ""
     # number of initial points (1 .. 50 million)
@@ -250,9 +269,45 @@ class PTDParams:
     checkpoints_from: str = "penultimate"
     # path LoRA folder (default: <output_root>/<workspace>/path_lora)
     path_lora: Optional[str] = None
-    # stage 2: fold w * LoRA into the attention weights at each weight change instead of running peft's low-rank
-    # branch in every UNet call (lora_merge.merge_lora; same path, cheaper calls on a GPU, docs/benchmarks.md)
-    merge_lora: bool = False
+    # stage 2: fold w * LoRA into the attention weights in place at each weight change, peft's wrappers out of the
+    # call path, instead of its low-rank branch in every UNet call (lora_merge.fold_lora; same path, cheaper calls,
+    # safe inside CUDA graphs): auto (on for CUDA or with PipelineParams.compile on, else off) | on | off
+    fold_lora: str = "auto"
+
+
+@dataclass
+class NeRFParams:
+    """The radiance field of ModelParams.representation=nerf (scene/nerf_model.py): three axis-aligned feature planes,
+    a small MLP, density + view-independent colour. Sizes fit a CPU; density settings and the planes' lr are
+    threestudio's."""
+    # half-size of the field's box [-bound, bound]^3 in world units (> 0; the initial shapes have radius 0.5)
+    bound: float = 1.0
+    # grid points along each side of each feature plane (>= 2)
+    plane_resolution: int = 64
+    # features per plane (>= 1); the MLP reads the three planes' features concatenated
+    plane_features: int = 8
+    # width of the MLP's one hidden layer (>= 1)
+    hidden_dim: int = 32
+    # samples per ray along the box's diagonal 2 sqrt(3) bound (>= 1): the marching step in world units
+    num_samples: int = 64
+    # density activation: softplus (threestudio's default) | exp
+    density_activation: str = "softplus"
+    # pre-activation density bias inside the initial shape (+scale) and outside it (-scale) (> 0; threestudio's
+    # density_blob_scale: 10)
+    density_bias_scale: float = 10.0
+    # grid points along each side of the initial-shape grid the bias is fitted on (>= 2)
+    init_resolution: int = 32
+    # cells along each side of the occupancy grid that skips empty space (>= 1)
+    occupancy_resolution: int = 32
+    # refresh the occupancy grid every this many iterations (>= 1; nerfacc/threestudio: 16)
+    occupancy_interval: int = 16
+    # a cell is occupied while its peak density times the marching step exceeds this (>= 0; threestudio: 0.01)
+    occupancy_threshold: float = 0.01
+    # Adam lr of the feature planes (threestudio's encoding lr: 0.01)
+    lr_planes: float = 0.01
+    # Adam lr of the MLP (threestudio's: 0.001; 10x here since its output layer starts at zero: at 0.001 the smoke
+    # run's renders moved 0.13/255 in 40 iterations, at 0.01 2.7/255)
+    lr_mlp: float = 0.01
 
 
 @dataclass
@@ -307,17 +362,19 @@ class Config:
     GenerateCamParams: GenerateCamParams = field(default_factory=GenerateCamParams)
     PTDParams: PTDParams = field(default_factory=PTDParams)
     EvalParams: EvalParams = field(default_factory=EvalParams)
+    NeRFParams: NeRFParams = field(default_factory=NeRFParams)
 
 
 # Stock LucidDreamer keys this project deliberately does not use: they load with a one-line warning so that
 # LucidDreamer's own configs load unchanged.
 STOCK_UNUSED = {
     "": {"port"},
-    "ModelParams": {"shs_aug_ratio", "source_path", "model_path", "pretrained_model_path", "images", "resolution", "data_device",
-                    "eval", "opt_path"},
+    "ModelParams": {"shs_aug_ratio", "source_path", "model_path", "pretrained_model_path", "images", "resolution",
+                    "data_device", "eval", "opt_path"},
     "PipelineParams": {"convert_SHs_python", "compute_cov3D_python", "debug"},
     # position_lr_delay_mult: stock passes it with zero delay steps, where it has no effect
-    "OptimizationParams": {"position_lr_max_steps", "position_lr_delay_mult", "geo_iter", "resnet_lr", "resnet_lr_init", "resnet_lr_final",
+    "OptimizationParams": {"position_lr_max_steps", "position_lr_delay_mult", "geo_iter", "resnet_lr", "resnet_lr_init",
+                           "resnet_lr_final",
                            "lambda_bin", "lambda_sat", "lambda_radius", "use_control_net_iter", "use_progressive",
                            "save_process", "pro_frames_num", "pro_render_45", "progressive_view_iter",
                            "progressive_view_init_ratio"},
@@ -328,6 +385,7 @@ STOCK_UNUSED = {
                           "SSAA", "device"},
     "PTDParams": set(),
     "EvalParams": set(),
+    "NeRFParams": set(),
 }
 
 # Keys this project once wrote into run configs and no longer has: an older run's config.yaml still loads (evaluate,
@@ -335,4 +393,6 @@ STOCK_UNUSED = {
 RETIRED = {
     "OptimizationParams": {"background_lr": "the never-rendered background colour is no longer a parameter",
                            "test_interval": "test views follow stock's OptimizationParams.test_ratio"},
+    "PTDParams": {"merge_lora": "replaced by PTDParams.fold_lora: auto | on | off, the in-place fold, on by default "
+                                "on CUDA"},
 }

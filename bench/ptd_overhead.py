@@ -240,16 +240,18 @@ def median_call_time(fn, repeats: int, device: torch.device) -> float:
 
 
 def set_scale_cost(ptd_arm: Arm, repeats: int = 2000) -> tuple[float, int]:
-    """Median seconds of one lora_merge.set_scale (what the tracer calls) on the PTD UNet (the whole per-iteration
-    PTD bookkeeping), and the number of LoRA layers with the path adapter."""
+    """Median seconds of one lora_merge.set_scale (what the tracer calls) to a new weight on the PTD UNet (the whole
+    per-iteration PTD bookkeeping: with the fold, the in-place rewrite of the weights), and the number of LoRA layers
+    with the path adapter."""
     from guidance.lora_merge import scale, set_scale
+    from guidance.ptd_utils import _lora_layers
     from stages.run import PATH_ADAPTER
 
     unet = ptd_arm.state.guidance.unet
-    with scale(unet, 0.37, PATH_ADAPTER):  # the tracer's scalings (and parking, merged weights) come back after
-        cost = median_call_time(lambda: set_scale(unet, 0.37, PATH_ADAPTER), repeats, torch.device("cpu"))
-    layers = sum(PATH_ADAPTER in m.scaling for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))
-    return cost, layers
+    weights = iter([0.37 + 1e-6 * i for i in range(repeats)])  # a new weight at each call, as the tracer's
+    with scale(unet, 0.37, PATH_ADAPTER):  # the tracer's scalings (and parking, folded weights) come back after
+        cost = median_call_time(lambda: set_scale(unet, next(weights), PATH_ADAPTER), repeats, ptd_arm.device)
+    return cost, len(_lora_layers(unet, PATH_ADAPTER))  # the wrappers, also while folded (out of the module tree)
 
 
 @torch.no_grad()
@@ -327,9 +329,11 @@ def _q(values, q: float) -> float:
 
 def lora_size(ptd: Arm) -> tuple[int, int]:
     from guidance.lora_training import lora_parameters
+    from guidance.ptd_utils import _lora_layers
     from stages.run import PATH_ADAPTER
 
-    params = lora_parameters(ptd.state.guidance.unet, PATH_ADAPTER)
+    layers = torch.nn.ModuleList(_lora_layers(ptd.state.guidance.unet, PATH_ADAPTER))  # also while folded
+    params = lora_parameters(layers, PATH_ADAPTER)
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
@@ -394,11 +398,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_park:
-        if any(o.replace(" ", "").lower() == "ptdparams.merge_lora=true" for o in args.overrides):
-            ap.error("--no-park cannot be combined with PTDParams.merge_lora=true (merged mode needs the parking)")
+        if any(o.replace(" ", "").lower() == "ptdparams.fold_lora=on" for o in args.overrides):
+            ap.error("--no-park cannot be combined with PTDParams.fold_lora=on (the fold has no branch to park)")
+        args.overrides += ["PTDParams.fold_lora=off", "PipelineParams.compile=off"]  # auto would fold on CUDA
         from guidance import lora_merge, ptd_utils
         ptd_utils._set_branch = lora_merge._set_branch = lambda layer, adapter, on: None  # no parking anywhere
-        print("--no-park: the LoRA branch is computed at w = 0 (scaled by 0)")
+        print("--no-park: the LoRA branch (not folded) is computed at w = 0 (scaled by 0)")
     from utils.device import resolve_device
 
     with tempfile.TemporaryDirectory(prefix="ptd_overhead_") as tmp:

@@ -74,21 +74,28 @@ def warm_up(cfg) -> None:
     import train  # noqa: F401
 
 
-def measured_run(cfg) -> dict:
-    """form_path.main + train.main on cfg, with per-phase times."""
+def timed_stage1(cfg) -> tuple[dict, dict]:
+    """form_path.main on cfg with its phases timed: (seconds per phase, with "total"; calls per phase)."""
     import form_path
-    import train
     from guidance.sd_utils import StableDiffusionGuidance
-
-    warm_up(cfg)
 
     s1, n1 = defaultdict(float), defaultdict(int)
     t0 = time.perf_counter()
-    with patched(form_path, ("initial_gaussians", "make_guidance", "stage1_views", "loss_report",
+    with patched(form_path, ("initial_model", "make_guidance", "stage1_views", "loss_report",
                              "plot_denoising_report", "fit_lora", "save_lora"), s1, n1), \
             patched(StableDiffusionGuidance, ("encode",), s1, n1), contextlib.redirect_stdout(sys.stderr):
         form_path.main(cfg, overwrite=True)
     s1["total"] = time.perf_counter() - t0
+    return s1, n1
+
+
+def measured_run(cfg) -> dict:
+    """form_path.main + train.main on cfg, with per-phase times."""
+    import train
+
+    warm_up(cfg)
+
+    s1, n1 = timed_stage1(cfg)
     s2, n2 = defaultdict(float), defaultdict(int)
     t0 = time.perf_counter()
     iteration_times = []
@@ -123,7 +130,7 @@ def print_measured(cfg, run: dict) -> float:
           f"{math.ceil(p.num_views / p.lora_batch_size)} steps = {steps} LoRA steps; stage 2 = "
           f"{cfg.OptimizationParams.iterations} iterations")
     print(f"{'stage 1 phase':22} {'calls':>5} {'s':>8} | {'stage 2 phase':22} {'calls':>5} {'s':>8}")
-    left = [k for k in ("make_guidance", "initial_gaussians", "stage1_views", "encode", "fit_lora", "save_lora",
+    left = [k for k in ("make_guidance", "initial_model", "stage1_views", "encode", "fit_lora", "save_lora",
                         "loss_report", "plot_denoising_report", "total")]
     right = [k for k in ("setup", "train_step", "save_test_views", "save_video", "save_point_cloud", "save_checkpoint",
                          "total")]
@@ -142,7 +149,7 @@ def unit_costs(cfg, run: dict) -> dict:
     (s1, _), (s2, _) = run["stage1"], run["stage2"]
     p = cfg.PTDParams
     steps = p.path_epochs * math.ceil(p.num_views / p.lora_batch_size)
-    return {"setup1": s1["make_guidance"] + s1["initial_gaussians"],
+    return {"setup1": s1["make_guidance"] + s1["initial_model"],
             "render": s1["stage1_views"] / p.num_views,
             "encode8": s1["encode"] / math.ceil(p.num_views / REPORT_BATCH),
             "lora_step": s1["fit_lora"] / steps,

@@ -10,6 +10,7 @@ Returned dict (every backend, same keys, shapes and conventions):
                                  screen-space positional gradient 3DGS densification thresholds
     visibility_filter [N] bool   radii > 0
     scales            [N, 3]     the (possibly noised) activated scales used for this render (for the scale loss)
+A radiance field (ModelParams.representation: nerf) gives the same dict with N = 0 (gaussian_renderer/volume.py).
 """
 from __future__ import annotations
 
@@ -78,7 +79,19 @@ def render(camera, gaussians, bg_color: torch.Tensor, *, backend: str = "auto", 
             through their alpha, each z_i held constant; "full": also through z_i (torch and gsplat only).
     Returns:
         dict, see the module docstring.
+
+    A radiance field (a model with `is_radiance_field`, scene/nerf_model.py) is volume-rendered instead
+    (gaussian_renderer/volume.py): same keys, shapes, dtypes and conventions, with N = 0 rows for the per-Gaussian
+    outputs. The Gaussian-only options (backend, scaling_modifier, override_color, sh_degree, scale_noise, tile_size,
+    depth_grad) do not apply to it; `generator` jitters its samples (training renders).
     """
+    if getattr(gaussians, "is_radiance_field", False):
+        from gaussian_renderer.volume import render_volume
+        if bg_color.shape != (3,):
+            raise ValueError(f"bg_color must have shape [3], got {list(bg_color.shape)}")
+        out = render_volume(camera, gaussians, bg_color, generator)
+        out["scales"] = out["viewspace_points"].new_zeros(0, 3)
+        return out
     means = gaussians.get_xyz  # [N, 3]
     name = resolve_backend(backend, means.device)
     if bg_color.shape != (3,):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -117,6 +118,16 @@ def load_prior(path: str, device: torch.device, dtype: torch.dtype, prior_lora: 
     return pipe
 
 
+def compile_unet(unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet as captured CUDA graphs (PipelineParams.compile): torch.compile in mode "reduce-overhead" (inductor
+    kernels replayed as CUDA graphs, one per batch shape), fullgraph (a graph break is an error, not a slow path),
+    dynamic=False (the shapes of an iteration are fixed). The one place of that choice: capturing the eager UNet with
+    torch.cuda.graphs by hand is the alternative, and which is faster on a GPU is still to be measured (issue 19). The
+    weights may change between calls only in place (lora_merge's fold): the graphs read them where they are. On a
+    CPU inductor compiles C++ kernels and captures no graph."""
+    return torch.compile(unet, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
 class StableDiffusionGuidance:
     """A frozen Stable Diffusion prior, its text embeddings and the ISM / SDS step of stock LucidDreamer.
 
@@ -127,11 +138,13 @@ class StableDiffusionGuidance:
         dtype: model dtype; default fp16 when gp.fp16 and the device is CUDA, else fp32. Latent math stays fp32.
         hflip_prob: probability of flipping the batch horizontally before encoding (stock: 0.5, in its guidance).
         cache_dir: Hugging Face cache to look hub ids up in (default: the standard one).
+        compiled: run `unet_eps`'s UNet calls through `compile_unet` (PipelineParams.compile) at the shapes `warm_up`
+            compiled (other shapes, e.g. the OOD probe's batches, run eagerly rather than compile again).
     """
 
     def __init__(self, gp: GuidanceParams, device: torch.device | str, *, warmup_iter: int,
                  dtype: torch.dtype | None = None, hflip_prob: float = 0.5,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, compiled: bool = False):
         from diffusers import DDIMScheduler
 
         check_guidance_params(gp)
@@ -144,6 +157,8 @@ class StableDiffusionGuidance:
         self.model_path = resolve_model_key(gp.model_key, cache_dir)
         self.pipe = load_prior(self.model_path, self.device, dtype, gp.prior_lora, gp.LoRA_path)
         self.unet, self.vae = self.pipe.unet, self.pipe.vae
+        self.compiled_unet = compile_unet(self.unet) if compiled else None
+        self.graph_shapes: set[tuple[int, ...]] = set()  # x_t shapes warm_up compiled
         self.tokenizer, self.text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
         self.vae_scale_factor = int(self.pipe.vae_scale_factor)
         # stock: a DDIM scheduler from the model's config, set to all training steps, timesteps flipped
@@ -183,11 +198,36 @@ class StableDiffusionGuidance:
         The ONLY place the UNet is called: maps the index to the UNet timestep, casts to the model dtype, converts a
         v-prediction to eps (`ism.v_to_eps`) and returns x_t's dtype."""
         tau = torch.full((x_t.shape[0],), self.timestep(t_index), device=x_t.device, dtype=torch.long)
-        out = self.unet(x_t.to(self.dtype), tau, encoder_hidden_states=text_emb.to(self.dtype)).sample
+        x, emb = x_t.to(self.dtype), text_emb.to(self.dtype)
+        if self.compiled_unet is None or tuple(x.shape) not in self.graph_shapes:
+            out = self.unet(x, tau, encoder_hidden_states=emb).sample
+        else:  # contiguous: one graph per batch shape, whatever the strides (expanded embeddings); cloned: a CUDA
+            torch.compiler.cudagraph_mark_step_begin()  # graph's output is overwritten by its next replay
+            out = self.compiled_unet(x.contiguous(), tau, encoder_hidden_states=emb.contiguous(),
+                                     return_dict=False)[0].clone()
         out = out.to(x_t.dtype)
         if self.prediction_type == "v_prediction":
             out = ism.v_to_eps(out, x_t, self.abar(t_index))
         return out
+
+    @torch.no_grad()
+    def warm_up(self, batch: int, height: int, width: int) -> float:
+        """Before iteration 1: run `unet_eps` three times at each shape a `train_step` of `batch` views at height x
+        width pixels uses (compiled: compile, record the CUDA graph, replay), drawing nothing from the generator;
+        those shapes then run compiled. Returns the seconds it took."""
+        gp, f = self.gp, self.vae_scale_factor
+        sizes = {(4 if gp.perpneg else 2) * batch}  # predict: CFG (or Perp-Neg) in one call
+        if not gp.sds:
+            sizes.add((2 if gp.denoise_guidance_scale > 1.0 else 1) * batch)  # the inversion's calls
+        start = time.perf_counter()
+        for n in sorted(sizes):
+            x = torch.zeros(n, self.unet.config.in_channels, height // f, width // f, device=self.device)
+            self.graph_shapes.add(tuple(x.shape))
+            for _ in range(3):
+                self.unet_eps(x, 0, self.embeddings["text"].expand(n, -1, -1))
+        if self.device.type == "cuda":  # gpu-only
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """VAE posterior SAMPLE x scaling factor (seeded by the guidance generator), differentiable in the pixels.

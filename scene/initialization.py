@@ -6,6 +6,8 @@ distances, identity rotations, opacity 0.1, DC colour (rgb - 0.5) / Y_00).
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from typing import Optional
 
 import numpy as np
@@ -15,6 +17,8 @@ from scene.ply_io import PlyFormatError, read_ply, read_point_cloud_ply
 from scene.point_cloud import InitError, PointCloud, validate_point_cloud
 from scene.rng import SeededRng
 from scene.sh_utils import SH_C0
+from scene.stable_fast_3d import sf3d_mesh, sf3d_unavailable
+from utils.reference_image import load_reference
 
 SCENE_RADIUS = 0.5  # the sphere initialisation's radius; meshes are scaled to it
 MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".off", ".stl")
@@ -105,8 +109,23 @@ def pointe_points(prompt: str, num_pts: int, generator, device=None) -> PointClo
     return validate_point_cloud(points, colors, "Point-E initialisation")
 
 
+def sf3d_points(picture: str, num_pts: int, generator, device=None) -> PointCloud:
+    """The paper's image-to-3D start (App. L): Stable Fast 3D's mesh of the picture, sampled like a mesh file (a glb:
+    Y-up turned to Z-up, scaled to radius 0.5). Without sf3d or CUDA: one line on stderr, and stock's sphere."""
+    reason = sf3d_unavailable(device)
+    if reason is not None:
+        print(f"init_shape sf3d: {reason}; starting from the sphere instead", file=sys.stderr)
+        return sphere_points(num_pts, generator)
+    ref = load_reference(picture)
+    with tempfile.TemporaryDirectory(prefix="ptd_sf3d_") as folder:
+        path = os.path.join(folder, "sf3d.glb")
+        sf3d_mesh(ref.rgb, ref.mask, path, device)
+        return load_file_points(path, num_pts, generator)
+
+
 def initial_point_cloud(cam_params, generator, device=None) -> PointCloud:
-    """Dispatch on GenerateCamParams.init_shape: sphere | file (init_path) | pointe (init_prompt)."""
+    """Dispatch on GenerateCamParams.init_shape: sphere | file (init_path) | pointe (init_prompt) | sf3d
+    (ref_image)."""
     shape = cam_params.init_shape
     if shape == "sphere":
         return sphere_points(int(cam_params.init_num_pts), generator)
@@ -114,4 +133,7 @@ def initial_point_cloud(cam_params, generator, device=None) -> PointCloud:
         return load_file_points(cam_params.init_path, int(cam_params.init_num_pts), generator)
     if shape == "pointe":
         return pointe_points(cam_params.init_prompt, int(cam_params.init_num_pts), generator, device)
-    raise InitError(f"unknown init_shape {shape!r}; use sphere, file (with init_path) or pointe")
+    if shape == "sf3d":
+        return sf3d_points(cam_params.ref_image, int(cam_params.init_num_pts), generator, device)
+    raise InitError(f"unknown init_shape {shape!r}; use sphere, file (with init_path), pointe or sf3d (with "
+                    f"ref_image)")

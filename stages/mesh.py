@@ -9,6 +9,7 @@ import trimesh
 
 from arguments import Config, RunError, run_dir
 from scene.mesh_export import MeshExportError, export_model_mesh
+from scene.nerf_io import export_nerf_mesh
 
 
 def export_run_mesh(cfg: Config, gaussians, folder: Optional[Path] = None, *, resolution: Optional[int] = None,
@@ -19,8 +20,9 @@ def export_run_mesh(cfg: Config, gaussians, folder: Optional[Path] = None, *, re
     folder = run_dir(cfg) if folder is None else Path(folder)
     resolution = cfg.mesh_resolution if resolution is None else resolution
     threshold = cfg.mesh_threshold if threshold is None else threshold
+    export = export_nerf_mesh if getattr(gaussians, "is_radiance_field", False) else export_model_mesh
     try:
-        return export_model_mesh(gaussians, folder, resolution, threshold, y_up=y_up)
+        return export(gaussians, folder, resolution, threshold, y_up=y_up)
     except MeshExportError as err:
         raise RunError(f"no mesh: {err}; the Gaussians are saved, so `python export_mesh.py {run_dir(cfg)} "
                        f"--threshold T --resolution R` exports again") from None

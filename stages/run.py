@@ -4,6 +4,7 @@ camera sampler, the background, and the stage-1 path LoRA (where it lives, what 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -14,11 +15,14 @@ import numpy as np
 import torch
 
 from arguments import Config, RunError, load_config, run_dir
-from arguments.checks import check_config
+from arguments.checks import check_config, switch_on
 from gaussian_renderer import BackendUnavailableError, resolve_backend
+from guidance.lora_merge import folded_adapter
 from guidance.lora_training import load_lora, read_lora_metadata
 from guidance.sd_utils import StableDiffusionGuidance, resolve_model_key
 from scene import GaussianModel, OrbitCameraSampler, initial_point_cloud
+from scene.nerf_io import MODEL_FILES
+from scene.nerf_model import NeRFModel
 from utils.files import FolderBusy, WriteError, file_hash, lock_folder, stable_hash, write_json_atomic
 
 INIT_PLY = "init_points3d.ply"
@@ -29,7 +33,8 @@ LOCK_FILE = ".ptd.lock"  # held by the stage writing the workspace (holds its PI
 PATH_ADAPTER = "ptd_path"
 
 __all__ = ["INIT_PLY", "INIT_KEY", "PATH_ADAPTER", "configure_torch", "scene_extent", "init_key",
-           "initial_gaussians", "make_guidance", "make_sampler", "background", "path_lora_dir", "path_metadata",
+           "initial_gaussians", "initial_model", "make_guidance", "speed_switches", "make_sampler", "background",
+           "path_lora_dir", "path_metadata",
            "check_path_metadata", "load_path_lora", "describe_run", "lock_workspace", "final_ply_path", "mark_finished",
            "finished_ply", "validate",
            "check_writable", "run_entry"]
@@ -55,6 +60,9 @@ def init_key(cfg: Config) -> dict:
                    Path(c.init_path).is_file() else None)
     if c.init_shape == "pointe":
         key["init_prompt"] = c.init_prompt
+    if c.init_shape == "sf3d":  # SF3D's mesh of the picture (or the sphere when sf3d cannot run here)
+        key.update(ref_image=str(c.ref_image), ref_image_hash=file_hash(c.ref_image) if c.ref_image and
+                   Path(c.ref_image).is_file() else None)
     return key
 
 
@@ -80,8 +88,32 @@ def initial_gaussians(cfg: Config, device: torch.device, *, create: bool = True)
     return gaussians
 
 
-def make_guidance(cfg: Config, device: torch.device) -> StableDiffusionGuidance:
-    return StableDiffusionGuidance(cfg.GuidanceParams, device, warmup_iter=cfg.OptimizationParams.warmup_iter)
+def initial_model(cfg: Config, device: torch.device, *, create: bool = True):
+    """The run's initial 3D model: the initial Gaussians (initial_gaussians) or, with ModelParams.representation
+    nerf, the radiance field whose density and colour start as those Gaussians' extinction and colour fields (the
+    same shape and look, scene/nerf_model.py) with random features from cfg.seed. Both stages build the same one."""
+    gaussians = initial_gaussians(cfg, device, create=create)
+    if cfg.ModelParams.representation != "nerf":
+        return gaussians
+    return NeRFModel.from_gaussians(gaussians, cfg.NeRFParams, device=device, seed=cfg.seed)
+
+
+def make_guidance(cfg: Config, device: torch.device, *, compiled: bool = False) -> StableDiffusionGuidance:
+    """The guidance prior; compiled: its UNet calls as CUDA graphs (stage 2 passes speed_switches' choice)."""
+    return StableDiffusionGuidance(cfg.GuidanceParams, device, warmup_iter=cfg.OptimizationParams.warmup_iter,
+                                   compiled=compiled)
+
+
+def speed_switches(cfg: Config, device: torch.device) -> tuple[bool, bool]:
+    """(compile, fold): PipelineParams.compile and PTDParams.fold_lora resolved on `device` (auto: on for CUDA; the
+    fold also wherever the UNet is compiled, since peft's branch would recompile it at every weight change)."""
+    compiled = switch_on(cfg.PipelineParams.compile, device.type)
+    fold = switch_on(cfg.PTDParams.fold_lora, device.type) or (compiled and cfg.PTDParams.fold_lora == "auto")
+    if compiled and not fold and cfg.PTDParams.mode != "off":
+        raise RunError(f"PipelineParams.compile={cfg.PipelineParams.compile} compiles the UNet on {device.type} but "
+                       f"PTDParams.fold_lora=off keeps peft's branch, which recompiles at every weight change; set "
+                       f"fold_lora auto or compile off")
+    return compiled, fold
 
 
 def make_sampler(cfg: Config, device: torch.device, seed_offset: int = 0):
@@ -103,9 +135,13 @@ def path_lora_dir(cfg: Config) -> Path:
 
 def path_metadata(cfg: Config) -> dict:
     """What a path LoRA is made for: stage 2 refuses a path formed for another prompt, prior or initial model."""
-    return {"prompt": cfg.GuidanceParams.text, "base_model": cfg.GuidanceParams.model_key,
+    meta = {"prompt": cfg.GuidanceParams.text, "base_model": cfg.GuidanceParams.model_key,
             "prior_lora": cfg.GuidanceParams.prior_lora, "LoRA_path": cfg.GuidanceParams.LoRA_path,
             "init_key_hash": stable_hash(init_key(cfg))}
+    if cfg.ModelParams.representation != "gaussians":  # a NeRF's renders differ from the Gaussians': its own path
+        meta.update(representation=cfg.ModelParams.representation,
+                    nerf_params_hash=stable_hash(dataclasses.asdict(cfg.NeRFParams)))
+    return meta
 
 
 def check_path_metadata(cfg: Config) -> dict:
@@ -132,11 +168,19 @@ def load_path_lora(cfg: Config, guidance) -> dict:
 def describe_run(cfg: Config, guidance, device: torch.device) -> str:
     """What runs, in one line: the rasteriser `backend: auto` chose, the prior (id and folder), its precision, the
     device. Printed at the start of a stage and written on top of the run's saved config."""
-    backend = resolve_backend(cfg.PipelineParams.backend, device)
+    renderer = "volume renderer (NeRF)" if cfg.ModelParams.representation == "nerf" else \
+        f"rasteriser {resolve_backend(cfg.PipelineParams.backend, device)}"
+    if renderer == "rasteriser torch" and cfg.PipelineParams.backend == "auto" and device.type == "cuda":
+        renderer += (" (auto found neither LucidDreamer's diff_gaussian_rasterization nor gsplat: 15-30x slower; "
+                     "README, 'CUDA rasterizers')")
+    unet = "UNet eager" if getattr(guidance, "compiled_unet", None) is None else \
+        f"UNet compiled{' (CUDA graphs)' if device.type == 'cuda' else ''}"
+    if folded_adapter(guidance.unet) is not None:
+        unet += ", path LoRA folded"
     model = cfg.GuidanceParams.model_key
     where = "" if str(guidance.model_path) == model else f" ({guidance.model_path})"
-    return (f"ran with: rasteriser {backend}, prior {model}{where}, {str(guidance.dtype).replace('torch.', '')}, "
-            f"device {device}, torch {torch.__version__}")
+    return (f"ran with: {renderer}, prior {model}{where}, {str(guidance.dtype).replace('torch.', '')}, "
+            f"device {device}, torch {torch.__version__}, {unet}")
 
 
 # ---------------------------------------------------------------------------------------------- the workspace
@@ -164,8 +208,10 @@ def lock_workspace(cfg: Config) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------- a finished run
 def final_ply_path(cfg: Config) -> Path:
-    """Where stage 2 writes its final model: <run>/point_cloud/iteration_<iterations>/point_cloud.ply."""
-    return run_dir(cfg) / "point_cloud" / f"iteration_{cfg.OptimizationParams.iterations}" / "point_cloud.ply"
+    """Where stage 2 writes its final model: <run>/point_cloud/iteration_<iterations>/point_cloud.ply (a NeRF run:
+    nerf.safetensors there, scene/nerf_io.py)."""
+    return (run_dir(cfg) / "point_cloud" / f"iteration_{cfg.OptimizationParams.iterations}" /
+            MODEL_FILES[cfg.ModelParams.representation])
 
 
 def mark_finished(cfg: Config) -> None:
@@ -186,15 +232,20 @@ def finished_ply(run: Path, cfg: Config) -> Path | None:
         ply = run / info.get("ply", "")
         return ply if info.get("iterations") == cfg.OptimizationParams.iterations and ply.is_file() else None
     ply = run / "point_cloud" / f"iteration_{cfg.OptimizationParams.iterations}" / "point_cloud.ply"
-    return ply if ply.is_file() else None
+    return ply if ply.is_file() and cfg.ModelParams.representation == "gaussians" else None
 
 
 def model_source(source: Path) -> tuple[Path, Config]:
     """The model a tool works on and its run's settings: a finished run folder's final PLY and config (the PLY
     train_done.json names), or a .ply file with the default settings. Anything else: a one-line RunError."""
     if source.is_file():
+        if source.suffix.lower() == ".safetensors":  # a NeRF run's field (scene/nerf_io.py)
+            cfg = Config()
+            cfg.ModelParams.representation = "nerf"
+            return source, cfg
         if source.suffix.lower() != ".ply":
-            raise RunError(f"{source} is not a .ply file; pass a run folder (output/<workspace>) or a 3DGS .ply")
+            raise RunError(f"{source} is not a .ply file; pass a run folder (output/<workspace>), a 3DGS .ply or a "
+                           f"NeRF run's nerf.safetensors")
         return source, Config()
     if not source.is_dir():
         raise RunError(f"{source} does not exist; pass a run folder (output/<workspace>) or a 3DGS .ply file")
@@ -215,7 +266,9 @@ def validate(cfg: Config, device: torch.device) -> None:
     """Every check that needs no heavy work, before anything is written: the config's values (arguments/checks.py),
     then what this machine must have (the rasteriser, the prior's files, a writable output folder)."""
     check_config(cfg)
-    resolve_backend(cfg.PipelineParams.backend, device)
+    speed_switches(cfg, device)
+    if cfg.ModelParams.representation == "gaussians":  # a NeRF is volume-rendered on any device
+        resolve_backend(cfg.PipelineParams.backend, device)
     resolve_model_key(cfg.GuidanceParams.model_key)
     check_writable(run_dir(cfg))
 

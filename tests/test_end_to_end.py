@@ -206,11 +206,12 @@ def test_prior_finetune_lora_on_images_then_used_as_prior(tmp_path):
 
 def test_both_stages_in_half_precision(tmp_path, monkeypatch):
     """The GPU's half-precision path on the CPU: the guidance forced to bfloat16 (CPU half kernels), stage 1 and a PTD
-    stage 2 with the branch and in merged mode. fp16 only happens on CUDA, so without this a dtype slip between the
+    stage 2 with the branch and with the fold. fp16 only happens on CUDA, so without this a dtype slip between the
     fp32 latent math and a half UNet (stage 1 once had one) shows up only on a GPU."""
     import torch
 
     import guidance.sd_utils as sd_utils
+    from guidance.lora_merge import fold_lora, folded_adapter
     from stages.run import PATH_ADAPTER
     plain_init = sd_utils.StableDiffusionGuidance.__init__
     seen = []
@@ -222,10 +223,12 @@ def test_both_stages_in_half_precision(tmp_path, monkeypatch):
     monkeypatch.setattr(sd_utils.StableDiffusionGuidance, "__init__", half_init)
     cfg = cfg_for(tmp_path, "PTDParams.mode=weighted")
     form_path.main(cfg)
-    for merge in ("false", "true"):
-        ply = train.main(cfg_for(tmp_path, "PTDParams.mode=weighted", f"PTDParams.merge_lora={merge}"), overwrite=True)
+    for fold in ("off", "on"):
+        ply = train.main(cfg_for(tmp_path, "PTDParams.mode=weighted", f"PTDParams.fold_lora={fold}"), overwrite=True)
         assert ply.is_file()
         unet = seen[-1].unet
+        assert (folded_adapter(unet) == PATH_ADAPTER) == (fold == "on")
+        fold_lora(unet, PATH_ADAPTER, enabled=False)  # peft's wrappers back in the tree, for the dtype check
         assert unet.dtype == torch.bfloat16
         assert {p.dtype for n, p in unet.named_parameters() if f".{PATH_ADAPTER}." in n} == {torch.bfloat16}
     assert len(seen) >= 3

@@ -1,5 +1,5 @@
-"""guidance/lora_merge.py: the project's speed-ups on top of ptd_utils (parking through its functions, merged mode,
-make_tracer), exact at w = 0."""
+"""guidance/lora_merge.py: the project's speed-ups on top of ptd_utils (parking through its functions, the in-place
+fold, make_tracer), exact at w = 0."""
 import contextlib
 import copy
 from collections import OrderedDict
@@ -8,7 +8,7 @@ import pytest
 import torch
 from lora_helpers import make_lora_unet, relative_weights, run_unet, toy_lora_model
 
-from guidance.lora_merge import load_adapter_weights, make_tracer, merge_lora, scale, set_scale
+from guidance.lora_merge import fold_lora, folded_adapter, load_adapter_weights, make_tracer, scale, set_scale
 from guidance.ptd_utils import PathTracer
 
 
@@ -50,60 +50,113 @@ def test_weight_zero_skips_the_lora_branch_and_any_weight_brings_it_back(lora_un
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# merged mode
+# the fold: W = W0 + w (alpha/r) B A in place, peft's wrappers out of the call path
 # ----------------------------------------------------------------------------------------------------------------------
-def test_merged_mode_is_the_branch_folded_into_the_weights(lora_unet):
-    # float64, so that the only difference between the branch and the folded weight would be a wrong formula
-    unet, inputs = copy.deepcopy(lora_unet[0]).double(), tuple(x.double() if x.is_floating_point() else x
-                                                               for x in lora_unet[1])
+def _double(lora_unet):
+    """A float64 copy of the fixture's UNet and inputs: the fold and the branch then differ only by a wrong formula."""
+    unet, inputs = lora_unet[0], lora_unet[1]
+    return copy.deepcopy(unet).double(), tuple(x.double() if x.is_floating_point() else x for x in inputs)
+
+
+def _lora_modules(unet):
+    from peft.tuners.lora import LoraLayer
+    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
+
+
+def test_fold_is_the_branch_folded_into_the_weights_in_float64(lora_unet):
+    unet, inputs = _double(lora_unet)
     layers = _adapted(unet)
     originals = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
     set_scale(unet, 0.0, "ptd_path")
     base = run_unet(unet, inputs)
-    set_scale(unet, 1.0, "ptd_path")
-    trained = run_unet(unet, inputs)
     branch = {}
-    for w in (1.0, 0.37, -0.5):
+    for w in (1.0, 0.37, -0.5, 0.0):
         set_scale(unet, w, "ptd_path")
         branch[w] = run_unet(unet, inputs)
-    calls = []
-    hooks = [m.lora_A["ptd_path"].register_forward_hook(lambda *a: calls.append(1)) for m in layers.values()]
+    set_scale(unet, 1.0, "ptd_path")
+    wrappers = torch.nn.ModuleList(_lora_modules(unet))  # set aside while folded; their scalings still follow w
+    fold_lora(unet, "ptd_path")
     try:
-        merge_lora(unet, "ptd_path")
-        for w in (1.0, 0.37, -0.5):
+        assert folded_adapter(unet) == "ptd_path" and relative_weights(wrappers, "ptd_path") == {1.0}
+        torch.testing.assert_close(run_unet(unet, inputs), branch[1.0], rtol=1e-9, atol=1e-10)  # folded at its w
+        for w in (0.37, -0.5, 1.0, 0.37):
             set_scale(unet, w, "ptd_path")
-            assert relative_weights(unet, "ptd_path") == {w}
+            assert relative_weights(wrappers, "ptd_path") == {w} and relative_weights(unet) == set()
             torch.testing.assert_close(run_unet(unet, inputs), branch[w], rtol=1e-9, atol=1e-10)
-            name, layer = next(iter(layers.items()))  # the weight itself, against the formula in float64
-            a, b = layer.lora_A["ptd_path"].weight.double(), layer.lora_B["ptd_path"].weight.double()
-            expect = originals[name].double() + w * 8 / 4 * (b @ a)
-            torch.testing.assert_close(layer.base_layer.weight, expect, rtol=1e-12, atol=1e-13)
-        with scale(unet, 0.0, "ptd_path"):
-            assert torch.equal(run_unet(unet, inputs), base)  # the prior, bit for bit, in the middle of tracing
-        torch.testing.assert_close(run_unet(unet, inputs), branch[-0.5], rtol=1e-9, atol=1e-10)  # rewritten on exit
-        set_scale(unet, 0.0, "ptd_path")
-        assert torch.equal(run_unet(unet, inputs), base)
+            for name, layer in layers.items():  # each weight against the formula, in float64
+                a, b = layer.lora_A["ptd_path"].weight, layer.lora_B["ptd_path"].weight
+                torch.testing.assert_close(layer.base_layer.weight, originals[name] + w * 8 / 4 * (b @ a),
+                                           rtol=1e-12, atol=1e-13)
+        set_scale(unet, 0.0, "ptd_path")  # after folding at other weights: W0 and the prior, bit for bit
         assert all(torch.equal(m.base_layer.weight, originals[n]) for n, m in layers.items())
-        set_scale(unet, 1.0, "ptd_path")
-        assert calls == []  # the low-rank branch never ran: the weights carried it
+        assert torch.equal(run_unet(unet, inputs), base) and torch.equal(branch[0.0], base)
+        set_scale(unet, -0.5, "ptd_path")
     finally:
-        for h in hooks:
-            h.remove()
-        merge_lora(unet, "ptd_path", enabled=False)
+        fold_lora(unet, "ptd_path", enabled=False)
+    assert folded_adapter(unet) is None
     assert all(torch.equal(m.base_layer.weight, originals[n]) for n, m in layers.items())  # W0 exactly
-    assert torch.equal(run_unet(unet, inputs), trained)  # back on peft's branch, as before merging
+    assert relative_weights(unet, "ptd_path") == {-0.5}
+    assert torch.equal(run_unet(unet, inputs), branch[-0.5])  # back on peft's branch at the folded weight
+    set_scale(unet, 0.0, "ptd_path")
+    assert torch.equal(run_unet(unet, inputs), base)
 
 
-def test_scale_zero_inside_merged_mode_is_w0_bit_for_bit_and_restores(lora_unet):
+def test_fold_writes_in_place_and_takes_peft_out_of_the_call_path(lora_unet):
+    """Graph safety: every adapted weight keeps its Parameter object and storage across weight changes, loads of new
+    factors and fold/unfold; while folded no peft wrapper is in the module tree or runs."""
+    from peft import get_peft_model_state_dict
+    unet, inputs = _double(lora_unet)
+    layers = _adapted(unet)
+    params = {n: m.base_layer.weight for n, m in layers.items()}
+    pointers = {n: p.data_ptr() for n, p in params.items()}
+    wrappers = _lora_modules(unet)
+    assert len(wrappers) == 48
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in wrappers]
+    g = torch.Generator().manual_seed(3)
+    factors = {k: 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+               for k, v in get_peft_model_state_dict(unet, adapter_name="ptd_path").items()}
+
+    def same_storage():
+        return all(m.base_layer.weight is params[n] and params[n].data_ptr() == pointers[n]
+                   for n, m in layers.items())
+
+    try:
+        for _ in range(2):  # fold, unfold, fold again
+            set_scale(unet, 0.8, "ptd_path")
+            fold_lora(unet, "ptd_path")
+            assert _lora_modules(unet) == [] and same_storage()
+            assert all(unet.get_submodule(n) is m.base_layer for n, m in layers.items())
+            for w in (0.8, 0.3, 0.0, -1.2):
+                set_scale(unet, w, "ptd_path")
+                run_unet(unet, inputs)
+                assert same_storage()
+            with scale(unet, 0.0, "ptd_path"):
+                run_unet(unet, inputs)
+            load_adapter_weights(unet, factors, "ptd_path")  # checkpoints mode: new factors, same storage
+            assert same_storage() and _lora_modules(unet) == [] and calls == []
+            fold_lora(unet, "ptd_path", enabled=False)
+            assert same_storage() and _lora_modules(unet) == wrappers
+            run_unet(unet, inputs)
+            assert len(calls) == 48  # peft's wrappers run again once unfolded
+            calls.clear()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        fold_lora(unet, "ptd_path", enabled=False)
+
+
+def test_scale_zero_inside_the_fold_is_w0_bit_for_bit_and_restores(lora_unet):
     unet, inputs, base, _ = lora_unet
     unet = copy.deepcopy(unet)
     layers = _adapted(unet)
+    wrappers = torch.nn.ModuleList(layers.values())
     originals = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
     set_scale(unet, 1.0, "ptd_path")
-    merge_lora(unet, "ptd_path")
+    fold_lora(unet, "ptd_path")
     try:
         set_scale(unet, 0.6, "ptd_path")
-        merged = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
+        folded = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
         out = run_unet(unet, inputs)
         for fail in (False, True):
             with pytest.raises(RuntimeError, match="boom") if fail else contextlib.nullcontext():
@@ -112,54 +165,84 @@ def test_scale_zero_inside_merged_mode_is_w0_bit_for_bit_and_restores(lora_unet)
                     assert torch.equal(run_unet(unet, inputs).view(torch.int32), base.view(torch.int32))
                     if fail:
                         raise RuntimeError("boom")
-            assert all(torch.equal(m.base_layer.weight, merged[n]) for n, m in layers.items())
-            assert torch.equal(run_unet(unet, inputs), out) and relative_weights(unet, "ptd_path") == {0.6}
+            assert all(torch.equal(m.base_layer.weight, folded[n]) for n, m in layers.items())
+            assert torch.equal(run_unet(unet, inputs), out) and relative_weights(wrappers, "ptd_path") == {0.6}
+        with scale(unet, 0.0):  # adapter None (sample_prior_latents' prior): the folded adapter too
+            assert torch.equal(run_unet(unet, inputs), base)
+        assert torch.equal(run_unet(unet, inputs), out)
     finally:
-        merge_lora(unet, "ptd_path", enabled=False)
+        fold_lora(unet, "ptd_path", enabled=False)
 
 
-def test_merged_mode_follows_checkpoints_and_the_tracer():
+def _checkpoints(model, n=3):
     from peft import get_peft_model_state_dict
+    return [{k: 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i), dtype=v.dtype) for k, v in
+             get_peft_model_state_dict(model, adapter_name="ptd_path").items()} for i in range(n)]
+
+
+def test_the_fold_follows_checkpoints_and_the_tracer():
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     plain = toy_lora_model().double()  # float64: any difference beyond rounding would be a wrong fold
-    merged = copy.deepcopy(plain)
-    base = merged[1].base_layer(merged[0].base_layer(x))
-    ckpts = [{k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for k, v in
-              get_peft_model_state_dict(plain, adapter_name="ptd_path").items()} for i in range(3)]
+    folded = copy.deepcopy(plain)
+    base = folded[1].base_layer(folded[0].base_layer(x))
+    ckpts = _checkpoints(plain)
     for mode in ("weighted", "checkpoints"):
-        tracers = [make_tracer(mode, model, merge=m, total_steps=7, switch_interval=2, checkpoints=ckpts)
-                   for m, model in ((False, plain), (True, merged))]
+        tracers = [make_tracer(mode, model, fold=f, total_steps=7, switch_interval=2, checkpoints=ckpts)
+                   for f, model in ((False, plain), (True, folded))]
         assert all(isinstance(t, PathTracer) and t.set_scale is set_scale and t.loader is load_adapter_weights
                    for t in tracers)
         load_adapter_weights(plain, ckpts[0], "ptd_path")
-        load_adapter_weights(merged, ckpts[0], "ptd_path")
+        load_adapter_weights(folded, ckpts[0], "ptd_path")
         for step in range(1, 10):
-            weights = [t.apply(model, step) for t, model in zip(tracers, (plain, merged))]
+            weights = [t.apply(model, step) for t, model in zip(tracers, (plain, folded))]
             assert weights[0] == weights[1]
             with torch.no_grad():
-                torch.testing.assert_close(merged(x), plain(x), rtol=1e-12, atol=1e-12)
-                assert torch.equal(merged(x), base) == (weights[1] == 0.0)
-        merge_lora(merged, "ptd_path", enabled=False)
+                torch.testing.assert_close(folded(x), plain(x), rtol=1e-12, atol=1e-12)
+                assert torch.equal(folded(x), base) == (weights[1] == 0.0)
+        fold_lora(folded, "ptd_path", enabled=False)
+
+
+def test_the_tracer_gives_the_same_unet_outputs_folded_and_on_the_branch(lora_unet):
+    branch, inputs = _double(lora_unet)
+    folded = copy.deepcopy(branch)
+    ckpts = _checkpoints(branch, 2)
+    for mode in ("weighted", "checkpoints"):
+        tracers = [make_tracer(mode, model, fold=f, total_steps=5, power=0.3, switch_interval=2, checkpoints=ckpts)
+                   for f, model in ((False, branch), (True, folded))]
+        assert folded_adapter(folded) == "ptd_path" and folded_adapter(branch) is None
+        for step in (1, 2, 3, 4, 5, 6):
+            assert tracers[0].apply(branch, step) == tracers[1].apply(folded, step)
+            torch.testing.assert_close(run_unet(folded, inputs), run_unet(branch, inputs), rtol=1e-9, atol=1e-10)
+        fold_lora(folded, "ptd_path", enabled=False)
 
 
 @pytest.mark.filterwarnings("ignore:Already found a .peft_config:UserWarning")
-def test_merge_lora_refuses_what_it_cannot_fold():
+def test_fold_lora_refuses_what_it_cannot_fold():
     from peft import LoraConfig, inject_adapter_in_model
     conv = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["c"]),
                                    torch.nn.Sequential(OrderedDict(c=torch.nn.Conv2d(3, 4, 3))),
                                    adapter_name="ptd_path")
-    with pytest.raises(ValueError, match="Conv2d layer cannot merge adapter 'ptd_path'") as err:
-        merge_lora(conv, "ptd_path")
-    assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="Conv2d layer cannot merge"):
-        make_tracer("weighted", conv, merge=True, total_steps=4)
+    with pytest.raises(ValueError, match="Conv2d layer cannot fold adapter 'ptd_path'") as err:
+        fold_lora(conv, "ptd_path")
+    assert "\n" not in str(err.value) and folded_adapter(conv) is None
+    with pytest.raises(ValueError, match="Conv2d layer cannot fold"):
+        make_tracer("weighted", conv, fold=True, total_steps=4)
     model = toy_lora_model()
     model.a.fan_in_fan_out = True
-    with pytest.raises(ValueError, match="Linear layer cannot merge adapter 'ptd_path'"):
-        merge_lora(model, "ptd_path")
+    with pytest.raises(ValueError, match="Linear layer cannot fold adapter 'ptd_path'"):
+        fold_lora(model, "ptd_path")
     model = toy_lora_model(("ptd_path", "prior"))
-    merge_lora(model, "prior")
-    with pytest.raises(ValueError, match="already carries merged adapter 'prior'"):
-        merge_lora(model, "ptd_path")
+    with pytest.raises(ValueError, match=r"also holds adapter\(s\) \['prior'\]"):
+        fold_lora(model, "ptd_path")
+    assert folded_adapter(model) is None and isinstance(model.a, type(toy_lora_model().a))  # left untouched
+    model = toy_lora_model()
+    set_scale(model.a, 0.5, "ptd_path")  # one layer at another weight than the other
+    with pytest.raises(ValueError, match="different weights"):
+        fold_lora(model, "ptd_path")
+    set_scale(model, 0.5, "ptd_path")
+    fold_lora(model, "ptd_path")
+    fold_lora(model, "ptd_path")  # folded already: nothing to do
+    with pytest.raises(ValueError, match="adapter 'ptd_path' is folded into this model"):
+        fold_lora(model, "other")
     with pytest.raises(ValueError, match="mode 'off'"):
-        make_tracer("off", model, merge=True)
+        make_tracer("off", model, fold=True)

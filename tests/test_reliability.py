@@ -37,9 +37,11 @@ def wait_for_checkpoint(tmp_path, workspace, proc, timeout=120):
     pytest.fail("no checkpoint appeared")
 
 
-def reference_ply(tmp_path):
-    """The uninterrupted run, in a subprocess like the victim (same torch thread count: float reductions and so the
-    bytes depend on it)."""
+@pytest.fixture(scope="module")
+def reference_ply(tmp_path_factory):
+    """The uninterrupted run's final PLY bytes, in a subprocess like the victims (same torch thread count: float
+    reductions and so the bytes depend on it); run once for the three signals."""
+    tmp_path = tmp_path_factory.mktemp("reference")
     proc = start_train(tmp_path, "reference")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
@@ -47,7 +49,7 @@ def reference_ply(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, sig):
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, sig, reference_ply):
     proc = start_train(tmp_path, "victim")
     wait_for_checkpoint(tmp_path, "victim", proc)
     proc.send_signal(sig)
@@ -60,7 +62,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, sig):
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
     victim = cfg_for(tmp_path, *LONGER, workspace="victim")
-    assert final_ply(victim) == reference_ply(tmp_path)
+    assert final_ply(victim) == reference_ply
     assert len(list((tmp_path / "victim" / "checkpoints").glob("*.pt"))) == 2  # the last two are kept
 
 

@@ -29,9 +29,10 @@ def score_cameras(resolution: int = SCORE_RESOLUTION, device=None) -> list:
 
 @torch.no_grad()
 def views(model, cameras, bg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Renders of a model (GaussianModel or Splats): colour over `bg` (default white) [V, 3, H, W], alpha [V, H, W]."""
+    """Renders of a model (GaussianModel, NeRFModel or Splats): colour over `bg` (default white) [V, 3, H, W], alpha
+    [V, H, W]."""
     bg = torch.ones(3) if bg is None else bg
-    outs = [render(cam, model, bg.to(model.get_xyz), backend="torch") for cam in cameras]
+    outs = [render(cam, model, bg, backend="torch") for cam in cameras]  # render() moves bg to the model
     rgb = torch.stack([o["render"] for o in outs]).clamp(0, 1)
     alpha = torch.stack([o["alpha"][0] for o in outs]).clamp(0, 1)
     return rgb, alpha
@@ -64,13 +65,20 @@ def mean_colour(rgb: torch.Tensor, alpha: torch.Tensor, threshold: float = ALPHA
 
 @dataclass
 class Scaled:
-    """A model seen scaled by s about the origin (positions and Gaussian scales), for the renderer."""
+    """A model seen scaled by s about the origin (positions and Gaussian scales; a radiance field's box, step and
+    field sigma_s(x) = sigma(x / s), colours alike), for the renderer."""
     model: object
     s: float
 
     def __getattr__(self, name):
         value = getattr(self.model, name)
-        return value * self.s if name in ("get_xyz", "get_scaling") else value
+        return value * self.s if name in ("get_xyz", "get_scaling", "bound", "render_step") else value
+
+    def query(self, x: torch.Tensor):
+        return self.model.query(x / self.s)
+
+    def occupied(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.occupied(x / self.s)
 
 
 SCALES = tuple(float(v) for v in np.geomspace(0.4, 2.5, 11))  # the scale search: 0.4x to 2.5x, ~20% steps
@@ -130,7 +138,7 @@ def strip(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> np.ndarray:
 
 def main(argv=None) -> int:
     from arguments import RunError
-    from scene.gaussian_model import GaussianModel
+    from scene.nerf_io import load_model
     from stages.run import model_source
     from utils.files import write_text_atomic
     from utils.image_io import save_png
@@ -143,8 +151,7 @@ def main(argv=None) -> int:
     try:
         ply, cfg = model_source(run)
         prompt = args.prompt or cfg.GuidanceParams.text
-        model = GaussianModel(sh_degree=3)
-        model.load_ply(str(ply))
+        model = load_model(ply)  # Gaussians (PLY, its own SH degree) or a NeRF run's nerf.safetensors
         scores = score_model(model, prompt)
     except (RunError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
