@@ -177,11 +177,13 @@ def test_study_summary_of_synthetic_runs():
     rows = []
     for arm, curve in (("vanilla", [0.5, 0.6, 0.7]), ("ptd", [0.55, 0.72, 0.74])):
         for seed, shift in ((0, -0.02), (1, 0.02)):
-            for it, iou in zip((100, 200, 300), curve):
-                rows.append({"arm": arm, "seed": seed, "iteration": it, "iou": iou + shift, "colour_error": 0.1,
+            for it, iou in zip((100, 200, 300), curve):  # aligned IoU: the curve; raw IoU falls (tells them apart)
+                rows.append({"arm": arm, "seed": seed, "iteration": it, "aligned_iou": iou + shift,
+                             "iou": 0.9 - (iou + shift), "colour_error": 0.1,
                              "shape_ok": seed == 0, "colour_ok": True, "matching_loss": 1.0 + it / 1000})
     s = summarise(rows)
-    assert s["vanilla"]["iou"] == pytest.approx((0.7, 0.02))
+    assert s["vanilla"]["aligned_iou"] == pytest.approx((0.7, 0.02))
+    assert s["vanilla"]["iou"] == pytest.approx((0.2, 0.02)) and s["ptd"]["iou_curve"][100] == pytest.approx(0.35)
     assert s["ptd"]["shape_ok"] == 0.5 and s["ptd"]["runs"] == 2
     assert s["vanilla"]["reaches_vanilla_final_at"] == 300 and s["ptd"]["reaches_vanilla_final_at"] == 200
     assert s["ptd"]["loss_curve"][200] == pytest.approx(1.2)

@@ -89,14 +89,17 @@ def collect(out: Path) -> tuple[list[dict], int]:
         losses = matching_losses(run)
         for it, s in score_run(run).items():
             rows.append({"run": run.name, "prompt": s["prompt"], "arm": m["arm"], "seed": int(m["seed"]),
-                         "iteration": it, "iou": s["iou"], "colour_error": s["colour_error"],
+                         "iteration": it, "iou": s["iou"], "aligned_iou": s["aligned_iou"],
+                         "colour_error": s["colour_error"],
                          "shape_ok": s["shape_ok"], "colour_ok": s["colour_ok"], "best_shape": s["best_shape"],
                          "nearest_colour": s["nearest_colour"], "matching_loss": losses.get(it)})
     return rows, unfinished
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per arm: the last iteration's mean +- std of each score, and mean IoU per iteration."""
+    """Per arm: the last iteration's mean +- std of each score, and the mean raw and scale-aligned IoU per iteration.
+    "reaches_vanilla_final_at": the first iteration whose mean aligned IoU (the shape, with the size that text cannot
+    fix factored out: toyworld.score) reaches vanilla's final one."""
     by_arm = defaultdict(list)
     for r in rows:
         by_arm[r["arm"]].append(r)
@@ -104,24 +107,27 @@ def summarise(rows: list[dict]) -> dict:
     for arm, rs in by_arm.items():
         last_it = max(r["iteration"] for r in rs)
         last = [r for r in rs if r["iteration"] == last_it]
-        curve = defaultdict(list)
+        curve, aligned = defaultdict(list), defaultdict(list)
         loss_curve = defaultdict(list)
         for r in rs:
             curve[r["iteration"]].append(r["iou"])
+            aligned[r["iteration"]].append(r["aligned_iou"])
             if r["matching_loss"] is not None:
                 loss_curve[r["iteration"]].append(r["matching_loss"])
         summary[arm] = {
             "runs": len(last), "iteration": last_it,
             "iou": _mean_std([r["iou"] for r in last]),
+            "aligned_iou": _mean_std([r["aligned_iou"] for r in last]),
             "colour_error": _mean_std([r["colour_error"] for r in last]),
             "shape_ok": float(np.mean([r["shape_ok"] for r in last])),
             "colour_ok": float(np.mean([r["colour_ok"] for r in last])),
             "iou_curve": {it: float(np.mean(v)) for it, v in sorted(curve.items())},
+            "aligned_curve": {it: float(np.mean(v)) for it, v in sorted(aligned.items())},
             "loss_curve": {it: float(np.mean(v)) for it, v in sorted(loss_curve.items())}}
     if "vanilla" in summary:
-        target = summary["vanilla"]["iou"][0]
+        target = summary["vanilla"]["aligned_iou"][0]
         for arm, s in summary.items():
-            s["reaches_vanilla_final_at"] = next((it for it, v in s["iou_curve"].items() if v >= target), None)
+            s["reaches_vanilla_final_at"] = next((it for it, v in s["aligned_curve"].items() if v >= target), None)
     return summary
 
 
@@ -130,18 +136,20 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def markdown(summary: dict, unfinished: int) -> str:
-    lines = ["| arm | runs | iteration | IoU | colour error | best shape right | nearest colour right | "
-             "mean IoU first >= vanilla's final at |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | runs | iteration | raw IoU | aligned IoU | colour error | best shape right | nearest colour "
+             "right | mean aligned IoU first >= vanilla's final at |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, s in summary.items():
         lines.append(f"| {arm} | {s['runs']} | {s['iteration']} | {s['iou'][0]:.3f} +- {s['iou'][1]:.3f} | "
+                     f"{s['aligned_iou'][0]:.3f} +- {s['aligned_iou'][1]:.3f} | "
                      f"{s['colour_error'][0]:.3f} +- {s['colour_error'][1]:.3f} | {s['shape_ok']:.0%} | "
                      f"{s['colour_ok']:.0%} | {s.get('reaches_vanilla_final_at', '-')} |")
     iters = sorted({it for s in summary.values() for it in s["iou_curve"]})
-    lines += ["", "Mean IoU along training:", "", "| arm | " + " | ".join(map(str, iters)) + " |",
-              "|---|" + "---|" * len(iters)]
-    for arm, s in summary.items():
-        lines.append(f"| {arm} | " + " | ".join(f"{s['iou_curve'][it]:.3f}" if it in s["iou_curve"] else "-"
-                                                  for it in iters) + " |")
+    for title, key in (("Mean aligned IoU", "aligned_curve"), ("Mean raw IoU", "iou_curve")):
+        lines += ["", f"{title} along training:", "", "| arm | " + " | ".join(map(str, iters)) + " |",
+                  "|---|" + "---|" * len(iters)]
+        for arm, s in summary.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{s[key][it]:.3f}" if it in s[key] else "-"
+                                                      for it in iters) + " |")
     if any(s["loss_curve"] for s in summary.values()):
         its = sorted({it for s in summary.values() for it in s["loss_curve"]})
         lines += ["", "Mean matching loss along training (metrics.jsonl):", "",
@@ -161,10 +169,11 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for arm, s in summary.items():
-        axes[0].plot(list(s["iou_curve"]), list(s["iou_curve"].values()), marker="o", label=arm)
+        line, = axes[0].plot(list(s["aligned_curve"]), list(s["aligned_curve"].values()), marker="o", label=arm)
+        axes[0].plot(list(s["iou_curve"]), list(s["iou_curve"].values()), ls="--", color=line.get_color())
         if s["loss_curve"]:
             axes[1].plot(list(s["loss_curve"]), list(s["loss_curve"].values()), marker=".", label=arm)
-    axes[0].set(title="silhouette IoU vs ground truth", xlabel="iteration")
+    axes[0].set(title="silhouette IoU vs ground truth (dashed: raw)", xlabel="iteration")
     axes[1].set(title="matching loss", xlabel="iteration")
     for ax in axes:
         ax.legend()
