@@ -48,3 +48,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# the longest files first: `make test`'s two xdist workers take whole files in collection order, so a long file
+# collected last would run alone at the end (the toy regression run is ~2-4 min on one thread)
+LONGEST_FIRST = ("test_toy_regression.py", "test_batch.py", "test_reliability.py", "test_toyworld.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order
