@@ -26,7 +26,7 @@ from typing import Iterator, Mapping
 import torch
 
 from guidance import ptd_utils
-from guidance.ptd_utils import PathTracer, _finite, _pairs, _scale_adapter, _set_branch
+from guidance.ptd_utils import _PARK_ATTR, PathTracer, _finite, _pairs, _scale_adapter, _set_branch
 
 __all__ = ["fold_lora", "folded_adapter", "set_scale", "scale", "load_adapter_weights", "make_tracer"]
 
@@ -70,6 +70,18 @@ def _check_foldable(layer: torch.nn.Module, adapter: str) -> None:
     if others:
         raise ValueError(f"fold_lora: a layer of adapter '{adapter}' also holds adapter(s) {others}, which taking "
                          "peft's wrapper out of the call path would drop; fuse or delete them first")
+    if getattr(layer, "disable_adapters", False) or (adapter not in layer.active_adapters
+                                                     and not _parked(layer, adapter)):
+        raise ValueError(f"fold_lora: adapter '{adapter}' is disabled or inactive (peft skips it), but once folded it "
+                         f"would act at any non-zero weight; activate it first, e.g. unet.enable_lora() and "
+                         f"unet.set_adapters(['{adapter}']), or set PTDParams.fold_lora=off")
+
+
+def _parked(layer: torch.nn.Module, adapter: str) -> bool:
+    """Whether `adapter` is out of `layer`'s active adapters because ptd_utils parked it at w = 0 (its weight, not
+    the user, turned it off), by ptd_utils._set_branch's record, which a later change of the active adapters voids."""
+    state = layer.__dict__.get(_PARK_ATTR)
+    return state is not None and layer.active_adapter is state[1] and adapter in state[0]
 
 
 def _deltas_into(fold: _Fold, out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

@@ -75,6 +75,31 @@ def test_rgb_on_plain_white_is_keyed_by_the_border_median(tmp_path):
     np.testing.assert_array_equal(opaque.mask, mask)
 
 
+def test_pictures_read_upright_and_deep_grey_refused(tmp_path):
+    """An EXIF orientation tag (6: turn 90 degrees clockwise to show, a phone held upright) is applied, as viewers
+    do; a 16-bit grey PNG, which Pillow's convert() would clip at 255 (nearly all white), is refused in one line."""
+    from utils.reference_image import ReferenceImageError
+
+    image, _ = object_on_white()
+    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
+    rgba[10:30, 20:45, 3] = 200  # a translucent object: the alpha is the mask, no keying
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    path = tmp_path / "sideways.png"
+    Image.fromarray(rgba, "RGBA").save(path, exif=exif)
+    ref = load_reference(path)
+    shown = np.rot90(rgba, k=-1)  # clockwise
+    assert ref.mask.shape == shown.shape[:2] == (60, 40)
+    np.testing.assert_allclose(ref.mask, shown[..., 3] / 255.0, atol=1e-6)
+    np.testing.assert_allclose(ref.rgb, shown[..., :3] / 255.0, atol=1e-6)
+    grey = np.zeros((16, 16), np.uint16)
+    grey[4:12, 4:12] = 20000  # mid-grey square on black
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    with pytest.raises(ReferenceImageError, match="mode I;16") as err:
+        load_reference(tmp_path / "grey16.png")
+    assert "\n" not in str(err.value) and "grey16.png" in str(err.value) and "8-bit" in str(err.value)
+
+
 def test_fit_to_size_pads_centred_then_resizes(tmp_path):
     """A 20 x 40 (rows x columns) picture whose left half is the object, fitted to 16 x 16: padded to 40 x 40 with 10
     background rows above and below, so the object fills rows 4..12 and columns 0..8 of the result."""

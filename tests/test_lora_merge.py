@@ -235,6 +235,18 @@ def test_fold_lora_refuses_what_it_cannot_fold():
     with pytest.raises(ValueError, match=r"also holds adapter\(s\) \['prior'\]"):
         fold_lora(model, "ptd_path")
     assert folded_adapter(model) is None and isinstance(model.a, type(toy_lora_model().a))  # left untouched
+    for switch_off in (lambda m: m.set_adapter([]), lambda m: m.enable_adapters(False)):  # inactive, disabled
+        model = toy_lora_model()
+        for layer in (model.a, model.b):
+            switch_off(layer)
+        with pytest.raises(ValueError, match="adapter 'ptd_path' is disabled or inactive") as err:
+            fold_lora(model, "ptd_path")  # peft skips it: folded, the tracer's next w > 0 would apply it
+        assert "\n" not in str(err.value) and folded_adapter(model) is None
+    model = toy_lora_model()
+    set_scale(model, 0.0, "ptd_path")  # parked at w = 0 (out of the active adapters by its weight): foldable
+    fold_lora(model, "ptd_path")
+    assert folded_adapter(model) == "ptd_path"
+    fold_lora(model, "ptd_path", enabled=False)
     model = toy_lora_model()
     set_scale(model.a, 0.5, "ptd_path")  # one layer at another weight than the other
     with pytest.raises(ValueError, match="different weights"):

@@ -1,9 +1,12 @@
 """The reference picture of image-to-3D: reading it, keying out a plain background, fitting it to the render size.
 
-Pure numpy + Pillow, nothing of the project: `arguments/checks.py` runs `load_reference` before a run writes anything,
-and the run uses the same function.
+numpy, Pillow and scipy.ndimage, nothing of the project: `arguments/checks.py` runs `load_reference` before a run
+writes anything, and the run uses the same function.
 
 Rules (the README states them too):
+- **Reading.** The picture is turned upright by its EXIF orientation (as viewers show it); a picture of more than 8
+  bits per channel that Pillow keeps as one integer or float band (16-bit grey PNG, float TIFF) is refused, since
+  Pillow's conversion to RGB would clip it at 255 rather than scale it.
 - **Alpha.** A picture with an alpha channel (RGBA, LA, a palette with transparency) uses it as the mask, unless every
   pixel is opaque: then it is keyed like an RGB picture.
 - **Keying an RGB picture.** The background colour b is the per-channel median of the border (the outermost row and
@@ -44,7 +47,7 @@ class ReferenceImage:
 
 def read_picture(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """The picture's colours [H, W, 3] and its alpha [H, W] (None without an alpha channel), floats in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
@@ -53,11 +56,18 @@ def read_picture(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         with Image.open(path) as image:
             image.load()
+            mode = image.mode
+            deep = image.getbands() in (("I",), ("F",))  # 16/32-bit grey: convert() would clip it at 255, not scale
             has_alpha = "A" in image.getbands() or "transparency" in image.info
-            array = np.asarray(image.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+            if not deep:
+                upright = ImageOps.exif_transpose(image)  # phones store JPEGs sideways, with an orientation tag
+                array = np.asarray(upright.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ReferenceImageError(f"'{path}' is not a picture Pillow can read ({type(err).__name__}); give a PNG or "
                                   f"JPEG file") from None
+    if deep:
+        raise ReferenceImageError(f"'{path}' is a high-bit-depth greyscale picture (Pillow mode {mode}), which would "
+                                  f"read as clipped, not scaled; save it as an 8-bit RGB or RGBA PNG")
     if array.ndim != 3 or min(array.shape[:2]) < 3:
         raise ReferenceImageError(f"'{path}' is {array.shape[1]}x{array.shape[0]} pixels; give a picture at least "
                                   f"3x3 (the keying reads its border)")
