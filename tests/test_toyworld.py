@@ -122,6 +122,41 @@ def test_composite_backgrounds_and_flips():
     assert white.any() and black.any() and (~white & ~black).any()
 
 
+def test_textured_backgrounds_only_behind_the_object():
+    """composite(textured=0) draws exactly the stream of the plain one (a checkpoint made before the textured
+    augmentation existed resumes bit for bit); textured=1 changes only the empty pixels, to non-flat fields."""
+    from toyworld.data import composite
+
+    g = torch.Generator().manual_seed(1)
+    rgba = torch.randint(0, 256, (16, 8, 8, 4), generator=g, dtype=torch.uint8)
+    rgba[..., 3] = 0
+    rgba[:, :, :4] = 255  # left half opaque white
+    rgba[:, :, 4:, :3] = 0  # premultiplied: empty pixels carry no colour
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plain, zero = composite(rgba, g1), composite(rgba, g2, textured=0.0)
+    assert torch.equal(plain, zero) and torch.equal(g1.get_state(), g2.get_state())
+    tex = composite(rgba, torch.Generator().manual_seed(5), textured=1.0, flip=False)
+    assert torch.equal(tex[..., :4], torch.ones_like(tex[..., :4]))  # the object is untouched
+    empty = tex[..., 4:].flatten(2)
+    assert (empty.std(dim=2) > 0.01).all()  # every background is a field, not one colour
+
+
+def test_autoencoder_round_trip_replaces_only_the_picked_rows():
+    from diffusers import AutoencoderKL
+    from toyworld.train_clip import autoencoder_round_trip
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4).eval()
+    images = torch.rand(4, 3, 16, 16)
+    pick = torch.tensor([True, False, True, False])
+    out = autoencoder_round_trip(images, pick, vae)
+    assert torch.equal(out[~pick], images[~pick])
+    x = images[pick] * 2 - 1
+    ref = ((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+    assert torch.allclose(out[pick], ref, atol=1e-6) and not torch.allclose(out[pick], images[pick], atol=1e-2)
+
+
 def test_clip_loss_matches_brute_force():
     from toyworld.train_clip import contrastive_loss
 
@@ -179,7 +214,7 @@ def test_study_summary_of_synthetic_runs():
         for seed, shift in ((0, -0.02), (1, 0.02)):
             for it, iou in zip((100, 200, 300), curve):  # aligned IoU: the curve; raw IoU falls (tells them apart)
                 rows.append({"arm": arm, "seed": seed, "iteration": it, "aligned_iou": iou + shift,
-                             "iou": 0.9 - (iou + shift), "colour_error": 0.1,
+                             "iou": 0.9 - (iou + shift), "colour_error": 0.1, "toy_clip": 20.0 + 10 * seed,
                              "shape_ok": seed == 0, "colour_ok": True, "matching_loss": 1.0 + it / 1000})
     s = summarise(rows)
     assert s["vanilla"]["aligned_iou"] == pytest.approx((0.7, 0.02))
@@ -187,6 +222,7 @@ def test_study_summary_of_synthetic_runs():
     assert s["ptd"]["shape_ok"] == 0.5 and s["ptd"]["runs"] == 2
     assert s["vanilla"]["reaches_vanilla_final_at"] == 300 and s["ptd"]["reaches_vanilla_final_at"] == 200
     assert s["ptd"]["loss_curve"][200] == pytest.approx(1.2)
+    assert s["ptd"]["toy_clip"] == pytest.approx((25.0, 5.0))
 
 
 def test_committed_toy_clip_knows_the_world():

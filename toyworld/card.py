@@ -1,6 +1,7 @@
-"""The toy models' card: `python -m toyworld.card` samples the toy prior for every object (DDIM 50, CFG 7.5), lets
-the toy CLIP classify the samples among all the world's prompts, and writes `toyworld/weights/README.md` with the
-sample grid, the loss curves and the accuracy."""
+"""The toy models' card: `python -m toyworld.card` samples the toy prior for every object (DDIM 50, CFG 7.5, the
+caption "<object>, front view" by default: the purple front is seen from the front only, so a sample of the plain
+prompt from behind could not show it), lets the toy CLIP classify the samples among all the world's plain prompts,
+and writes `toyworld/weights/README.md` with the sample grid, the loss curves and the accuracy."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,8 @@ def classify(images: torch.Tensor, prompts: list[str], scorer) -> list[int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=2, help="samples per prompt")
+    p.add_argument("--view", default="front", choices=["front", "side", "back", "plain"],
+                   help="caption the samples are drawn with ('plain': the object's text alone)")
     p.add_argument("--out", default=str(WEIGHTS))
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -57,7 +60,8 @@ def main(argv=None) -> int:
     prompts = [o.text for o in objects]
     scorer = load_scorer("toy", None)
     t0 = time.time()
-    samples = torch.cat([sample_prior(prompts, seed=s) for s in range(args.seeds)])
+    captions = [o.caption(None if args.view == "plain" else args.view) for o in objects]
+    samples = torch.cat([sample_prior(captions, seed=s) for s in range(args.seeds)])
     sample_s = time.time() - t0
     truth = [i for _ in range(args.seeds) for i in range(len(prompts))]
     pred = classify(samples, prompts, scorer)
@@ -68,9 +72,10 @@ def main(argv=None) -> int:
     prior_log = json.loads((TOY_PRIOR_DIR / "training_log.json").read_text())
     clip_log = json.loads((TOY_CLIP_DIR / "training_log.json").read_text())
     plot_losses(out, prior_log, clip_log)
-    card = render_card(acc, len(samples), sample_s, prior_log, clip_log, prompts)
+    card = render_card(acc, len(samples), sample_s, prior_log, clip_log, prompts, captions[0])
     write_text_atomic(out / "README.md", card)
-    write_text_atomic(out / "card.json", json.dumps({"accuracy": acc, "samples": len(samples)}, indent=1))
+    write_text_atomic(out / "card.json", json.dumps({"accuracy": acc, "samples": len(samples), "view": args.view},
+                                                    indent=1))
     print(json.dumps(acc))
     return 0
 
@@ -100,11 +105,21 @@ def plot_losses(out: Path, prior_log: list, clip_log: list) -> None:
     plt.close(fig)
 
 
-def render_card(acc: dict, n: int, sample_s: float, prior_log: list, clip_log: list, prompts: list[str]) -> str:
+def render_card(acc: dict, n: int, sample_s: float, prior_log: list, clip_log: list, prompts: list[str],
+                example: str) -> str:
     vae = [r for r in prior_log if r["phase"] == "vae"]
     unet = [r for r in prior_log if r["phase"] == "unet"]
     last = lambda rows: np.mean([r["loss"] for r in rows[-50:]])  # noqa: E731
     minutes = lambda rows: rows[-1]["seconds"] / 60 if rows else 0.0  # noqa: E731
+    prior_row = ("| `prior/` | diffusers StableDiffusionPipeline: AutoencoderKL 64 px -> 16x16x4, UNet2DConditionModel "
+                 "(32, 64, 128), 2-layer CLIPTextModel (width 64), SD 2.1-base's DDIM schedule, epsilon prediction | "
+                 f"`python -m toyworld.train_prior`: autoencoder {len(vae)} steps ({minutes(vae):.1f} min), then UNet "
+                 f"+ text encoder {len(unet)} steps at batch 32 ({minutes(unet):.1f} min), EMA weights, 15% empty "
+                 f"captions | autoencoder {last(vae):.4f}, UNet {last(unet):.4f} |")
+    clip_row = ("| `clip/` | open_clip config `ptd-toy-clip` (ViT 64 px, patch 8, 4 layers; text 2 layers, context 32) "
+                f"| `python -m toyworld.train_clip`: {len(clip_log)} steps at batch 64 ({minutes(clip_log):.1f} min), "
+                "contrastive on the same renders; from step 1,000 half of each batch round-tripped through the "
+                f"prior's autoencoder and 30% of backgrounds blotchy | {last(clip_log):.4f} |")
     return f"""# The toy world's models
 
 Trained here, from scratch, on renders of the procedural toy world (`toyworld/world.py`: {len(prompts)} objects =
@@ -113,12 +128,14 @@ real objects, and let the project measure the paper's claims against ground trut
 
 | model | what | training | final loss (mean of last 50 steps) |
 |---|---|---|---|
-| `prior/` | diffusers StableDiffusionPipeline: AutoencoderKL 64 px -> 16x16x4, UNet2DConditionModel (32, 64, 128), 2-layer CLIPTextModel (width 64), SD 2.1-base's DDIM schedule, epsilon prediction | `python -m toyworld.train_prior`: autoencoder {len(vae)} steps ({minutes(vae):.1f} min), then UNet + text encoder {len(unet)} steps at batch 32 ({minutes(unet):.1f} min), EMA weights, 15% empty captions | autoencoder {last(vae):.4f}, UNet {last(unet):.4f} |
-| `clip/` | open_clip config `ptd-toy-clip` (ViT 64 px, patch 8, 4 layers; text 2 layers, context 32) | `python -m toyworld.train_clip`: {len(clip_log)} steps at batch 64 ({minutes(clip_log):.1f} min), contrastive on the same renders | {last(clip_log):.4f} |
+{prior_row}
+{clip_row}
 
 Times are on this project's 2-core CPU machine (other work shared it), one run each.
 
-## Samples (DDIM 50, CFG 7.5, empty negative prompt, 64 px), rows of 8 in the order of `toyworld.world.all_objects()`
+## Samples (DDIM 50, CFG 7.5, empty negative prompt, 64 px)
+
+Captions like "{example}"; rows of 8 in the order of `toyworld.world.all_objects()`.
 
 ![samples](toy_prior_samples.png)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from arguments.params import GenerateCamParams
@@ -87,8 +88,19 @@ def cached_dataset(folder: Path, views_per_object: int, resolution: int = 64, se
         return ToyImages(objects, z["rgba"], z["object_index"], z["azimuth"])
 
 
-def composite(rgba: torch.Tensor, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """uint8 [B, H, W, 4] -> float images [B, 3, H, W] in [0, 1] over random backgrounds, randomly flipped."""
+def textured_backgrounds(n: int, size: tuple[int, int], gen: torch.Generator, cells: int = 4,
+                         noise: float = 0.08) -> torch.Tensor:
+    """[n, 3, H, W] smooth random colour fields (a `cells` x `cells` grid of random colours, bilinearly upsampled)
+    with per-pixel noise of std `noise`: the blotchy backgrounds the toy prior's samples show."""
+    grid = torch.rand(n, 3, cells, cells, generator=gen)
+    field = F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
+    return (field + noise * torch.randn(n, 3, *size, generator=gen)).clamp(0, 1)
+
+
+def composite(rgba: torch.Tensor, gen: torch.Generator, flip: bool = True, textured: float = 0.0) -> torch.Tensor:
+    """uint8 [B, H, W, 4] -> float images [B, 3, H, W] in [0, 1] over random backgrounds, randomly flipped; with
+    `textured` > 0 that fraction of the backgrounds are `textured_backgrounds` (the random stream is the same as
+    without when it is 0)."""
     x = rgba.permute(0, 3, 1, 2).float() / 255.0
     rgb, alpha = x[:, :3], x[:, 3:]
     b = x.shape[0]
@@ -96,7 +108,11 @@ def composite(rgba: torch.Tensor, gen: torch.Generator, flip: bool = True) -> to
     bg = torch.rand(b, 3, generator=gen)
     bg[u < BG_WHITE] = 1.0
     bg[(u >= BG_WHITE) & (u < BG_WHITE + BG_BLACK)] = 0.0
-    images = rgb + (1 - alpha) * bg[:, :, None, None]
+    bg = bg[:, :, None, None].expand_as(rgb)
+    if textured > 0:
+        pick = torch.rand(b, generator=gen) < textured
+        bg = torch.where(pick[:, None, None, None], textured_backgrounds(b, rgb.shape[-2:], gen), bg)
+    images = rgb + (1 - alpha) * bg
     if flip:
         flips = torch.rand(b, generator=gen) < 0.5
         images[flips] = images[flips].flip(-1)

@@ -2,7 +2,9 @@
 
 For every finished run of a batch.py folder (<out>/runs/<prompt>__<arm>__s<seed>__<hash>/), every saved PLY
 (point_cloud/iteration_N/) is scored by toyworld.score (16 evaluation views: silhouette IoU, colour error, best shape,
-nearest colour); scores are cached per PLY in the run (toy_scores.json). Writes <out>/toy_study.csv (one row per run
+nearest colour) and by the toy CLIP (the paper's 16-view protocol, 100 x cosine, 64 px, white background, with the
+CLIP committed now, so runs scored before a retrained CLIP are re-scored alike); scores are cached per PLY in the run
+(toy_scores.json, keyed by the PLY's and the CLIP weights' size and mtime). Writes <out>/toy_study.csv (one row per run
 and iteration), <out>/toy_study.md (per arm at the last iteration: mean +- std over runs; the iteration at which each
 arm's mean IoU first reaches vanilla's final mean; the matching loss along training from metrics.jsonl) and
 <out>/toy_study.png (IoU and matching loss along training, per arm). Runs still going are skipped and counted.
@@ -21,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation.clip import TOY_CLIP_DIR, TOY_CLIP_NAME, load_scorer, rig_images
 from scene.gaussian_model import GaussianModel
 from toyworld.score import score_model
 from utils.files import atomic_path, write_text_atomic
 
 RUN_NAME = re.compile(r"^(?P<prompt>.+)__(?P<arm>[^_].*?)__s(?P<seed>\d+)__[0-9a-f]+$")
 CACHE = "toy_scores.json"
+CLIP_RESOLUTION = 64  # the toy CLIP's input size
 
 
 def run_plys(run: Path) -> dict[int, Path]:
@@ -45,19 +49,33 @@ def run_prompt(run: Path) -> str:
     raise ValueError(f"{run} has no config")
 
 
-def score_run(run: Path) -> dict[int, dict]:
-    """Ground-truth scores of each saved PLY of a run, cached in the run folder (keyed by file size and mtime)."""
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def toy_clip_score(model, prompt: str, scorer) -> float:
+    """The toy CLIP's score of `model` for `prompt`: mean over the 16 evaluation views of 100 x cosine."""
+    images = rig_images(model, torch.ones(3), CLIP_RESOLUTION, backend="torch")
+    return 100.0 * float(scorer.similarity(images, prompt).double().mean())
+
+
+def score_run(run: Path, scorer=None) -> dict[int, dict]:
+    """Ground-truth and toy-CLIP scores of each saved PLY of a run, cached in the run folder (keyed by the PLY's
+    and the CLIP weights' size and mtime). `scorer`: the toy CLIP (loaded here when None)."""
     cache_path = run / CACHE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     prompt = run_prompt(run)
+    clip_stamp = _stamp(TOY_CLIP_DIR / f"{TOY_CLIP_NAME}.safetensors")
     out = {}
     for it, ply in run_plys(run).items():
-        stamp = f"{ply.stat().st_size}:{ply.stat().st_mtime_ns}"
+        stamp = f"{_stamp(ply)}|{clip_stamp}"
         entry = cache.get(str(it))
         if not entry or entry.get("stamp") != stamp:
+            scorer = scorer or load_scorer("toy", None)
             model = GaussianModel(sh_degree=3)
             model.load_ply(str(ply))
-            entry = {"stamp": stamp, **score_model(model, prompt)}
+            entry = {"stamp": stamp, **score_model(model, prompt), "toy_clip": toy_clip_score(model, prompt, scorer)}
             cache[str(it)] = entry
             write_text_atomic(cache_path, json.dumps(cache, indent=1))
         out[it] = entry
@@ -78,7 +96,7 @@ def matching_losses(run: Path) -> dict[int, float]:
 
 
 def collect(out: Path) -> tuple[list[dict], int]:
-    rows, unfinished = [], 0
+    rows, unfinished, scorer = [], 0, None
     for run in sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []:
         m = RUN_NAME.match(run.name)
         if not m or not run.is_dir():
@@ -87,10 +105,11 @@ def collect(out: Path) -> tuple[list[dict], int]:
             unfinished += 1
             continue
         losses = matching_losses(run)
-        for it, s in score_run(run).items():
+        scorer = scorer or load_scorer("toy", None)
+        for it, s in score_run(run, scorer).items():
             rows.append({"run": run.name, "prompt": s["prompt"], "arm": m["arm"], "seed": int(m["seed"]),
                          "iteration": it, "iou": s["iou"], "aligned_iou": s["aligned_iou"],
-                         "colour_error": s["colour_error"],
+                         "colour_error": s["colour_error"], "toy_clip": s["toy_clip"],
                          "shape_ok": s["shape_ok"], "colour_ok": s["colour_ok"], "best_shape": s["best_shape"],
                          "nearest_colour": s["nearest_colour"], "matching_loss": losses.get(it)})
     return rows, unfinished
@@ -119,6 +138,7 @@ def summarise(rows: list[dict]) -> dict:
             "iou": _mean_std([r["iou"] for r in last]),
             "aligned_iou": _mean_std([r["aligned_iou"] for r in last]),
             "colour_error": _mean_std([r["colour_error"] for r in last]),
+            "toy_clip": _mean_std([r["toy_clip"] for r in last]),
             "shape_ok": float(np.mean([r["shape_ok"] for r in last])),
             "colour_ok": float(np.mean([r["colour_ok"] for r in last])),
             "iou_curve": {it: float(np.mean(v)) for it, v in sorted(curve.items())},
@@ -136,12 +156,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def markdown(summary: dict, unfinished: int) -> str:
-    lines = ["| arm | runs | iteration | raw IoU | aligned IoU | colour error | best shape right | nearest colour "
-             "right | mean aligned IoU first >= vanilla's final at |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | runs | iteration | raw IoU | aligned IoU | colour error | toy CLIP | best shape right | "
+             "nearest colour right | mean aligned IoU first >= vanilla's final at |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in summary.items():
         lines.append(f"| {arm} | {s['runs']} | {s['iteration']} | {s['iou'][0]:.3f} +- {s['iou'][1]:.3f} | "
                      f"{s['aligned_iou'][0]:.3f} +- {s['aligned_iou'][1]:.3f} | "
-                     f"{s['colour_error'][0]:.3f} +- {s['colour_error'][1]:.3f} | {s['shape_ok']:.0%} | "
+                     f"{s['colour_error'][0]:.3f} +- {s['colour_error'][1]:.3f} | "
+                     f"{s['toy_clip'][0]:.2f} +- {s['toy_clip'][1]:.2f} | {s['shape_ok']:.0%} | "
                      f"{s['colour_ok']:.0%} | {s.get('reaches_vanilla_final_at', '-')} |")
     iters = sorted({it for s in summary.values() for it in s["iou_curve"]})
     for title, key in (("Mean aligned IoU", "aligned_curve"), ("Mean raw IoU", "iou_curve")):

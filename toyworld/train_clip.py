@@ -2,8 +2,11 @@
 
 An open_clip-format model (a small ViT on 64 px images and a small text transformer on open_clip's own tokenizer),
 trained contrastively on the toy world's renders (toyworld.data, the same images as the toy prior) and their plain
-or view-dependent captions. Written as `ptd-toy-clip.json` (the config) and `ptd-toy-clip.safetensors`, so that
-`evaluate.py --clip-models toy` runs the paper's CLIP protocol with a scorer that knows this world.
+or view-dependent captions. From step `--domain-from` on, part of each batch is put through the toy prior's own
+autoencoder (encode, decode: its blur and colour shifts) and part gets blotchy, noisy backgrounds, so that the CLIP
+also names what the prior and the distilled models produce, not only clean renders. Written as `ptd-toy-clip.json`
+(the config) and `ptd-toy-clip.safetensors`, so that `evaluate.py --clip-models toy` runs the paper's CLIP protocol
+with a scorer that knows this world.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from evaluation.clip import TOY_CLIP_DIR, TOY_CLIP_NAME
+from guidance.sd_utils import TOY_PRIOR_DIR
 from toyworld.data import cached_dataset, composite
 from utils.files import atomic_folder, atomic_path
 
@@ -26,7 +30,7 @@ DEFAULT_OUT = TOY_CLIP_DIR  # where evaluation.clip loads --clip-models toy from
 TOY_CLIP_CONFIG = {"embed_dim": 64,
                    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
                    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
-NOT_SETTINGS = ("resume", "work", "out", "threads")
+NOT_SETTINGS = ("resume", "work", "out", "threads", "prior")
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -54,6 +58,23 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         kernel = torch.tensor([1.0, 2.0, 1.0])
         kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
         out[blur] = F.conv2d(F.pad(out[blur], (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    return out
+
+
+def load_autoencoder(prior: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(prior), subfolder="vae").eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def autoencoder_round_trip(images: torch.Tensor, pick: torch.Tensor, vae) -> torch.Tensor:
+    """`images` [B, 3, H, W] in [0, 1] with the rows `pick` replaced by decode(mean of encode(.)) through `vae`."""
+    if not pick.any():
+        return images
+    x = images[pick].to(vae.dtype) * 2 - 1
+    out = images.clone()
+    out[pick] = ((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1).to(images.dtype)
     return out
 
 
@@ -99,9 +120,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--views", type=int, default=250, help="rendered views per object (as the toy prior)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--domain-from", type=int, default=1000, help="step from which the two augmentations below run")
+    p.add_argument("--vae-frac", type=float, default=0.5, help="fraction of a batch round-tripped through the "
+                   "prior's autoencoder")
+    p.add_argument("--textured", type=float, default=0.3, help="fraction of backgrounds made blotchy and noisy")
+    p.add_argument("--prior", default=str(TOY_PRIOR_DIR), help="the toy prior whose autoencoder is used")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
@@ -125,11 +151,16 @@ def main(argv=None) -> int:
         opt.load_state_dict(s["opt"])
         gen.set_state(s["gen"])
         step, log = int(s["step"]), json.loads(s["log"])
-    t0 = time.time()
+    t0, vae = time.time() - (log[-1]["seconds"] if log else 0.0), None  # the log's seconds go on across resumes
     with tqdm(total=args.steps, initial=step, desc="toy CLIP", unit="step") as bar:
         while step < args.steps:
             idx = torch.randint(0, len(data), (args.batch,), generator=gen)
-            images = augment(composite(torch.from_numpy(data.rgba[idx.numpy()]), gen), gen)
+            domain = step >= args.domain_from
+            rgba = torch.from_numpy(data.rgba[idx.numpy()])
+            images = augment(composite(rgba, gen, textured=args.textured if domain else 0.0), gen)
+            if domain and args.vae_frac > 0:
+                vae = vae or load_autoencoder(Path(args.prior))
+                images = autoencoder_round_trip(images, torch.rand(args.batch, generator=gen) < args.vae_frac, vae)
             plain = torch.rand(args.batch, generator=gen) < 0.5
             captions = [data.caption(int(i), plain=bool(q)) for i, q in zip(idx, plain)]
             unique = sorted(set(captions))
