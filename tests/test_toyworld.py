@@ -202,6 +202,17 @@ def test_train_prior_resume_equals_uninterrupted(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(whole / "out"))
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
     assert pipe.vae.config.scaling_factor != 1.0  # measured from the data
+    # more UNet steps on --resume of a finished run = asking for them from the start (constant learning rate)
+    longer = list(common)
+    longer[longer.index("--unet-steps") + 1] = "3"
+    long = tmp_path / "long"
+    assert train_prior.main(longer + ["--work", str(long), "--out", str(long / "out")]) == 0
+    assert train_prior.main(longer + ["--work", str(whole), "--out", str(whole / "out"), "--resume"]) == 0
+    a, b = (load_file(d / "out" / "unet/diffusion_pytorch_model.safetensors") for d in (long, whole))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fewer = list(common)
+    fewer[fewer.index("--unet-steps") + 1] = "1"
+    assert train_prior.main(fewer + ["--work", str(whole), "--out", str(whole / "out"), "--resume"]) == 2
 
 
 def test_study_summary_of_synthetic_runs():

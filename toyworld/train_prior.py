@@ -121,8 +121,12 @@ class Trainer:
         s = torch.load(self.ckpt, weights_only=True)
         saved_args = json.loads(s["args"])
         now = {k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS}
-        if saved_args != now:
-            diff = sorted(k for k in now if saved_args.get(k) != now[k])
+        diff = sorted(k for k in now if saved_args.get(k) != now[k])
+        if diff == ["unet_steps"] and now["unet_steps"] > saved_args["unet_steps"] and s["phase"] in ("unet", "done"):
+            # more UNet steps: its learning rate is constant after warm-up, so going on equals having asked for the
+            # larger number from the start
+            s["phase"] = "unet"
+        elif diff:
             raise ValueError(f"checkpoint {self.ckpt} was made with other settings ({', '.join(diff)}); rerun with "
                              "the same arguments, or remove it to start over")
         self.phase, self.step, self.log, self.scaling = s["phase"], s["step"], json.loads(s["log"]), s["scaling"]
@@ -202,7 +206,8 @@ class Trainer:
             self.save()
 
     def _loop(self, total: int, step_fn, name: str) -> None:
-        t0 = time.time()
+        done = [r for r in self.log if r["phase"] == self.phase]
+        t0 = time.time() - (done[-1]["seconds"] if done else 0.0)  # the log's seconds go on across resumes
         with tqdm(total=total, initial=self.step, desc=f"toy prior: {name}", unit="step") as bar:
             while self.step < total:
                 loss = step_fn()
