@@ -236,6 +236,26 @@ def test_study_summary_of_synthetic_runs():
     assert s["ptd"]["toy_clip"] == pytest.approx((25.0, 5.0))
 
 
+def test_probe_summary_over_prompts():
+    """Mean +- std over prompts of each prompt's means, per timestep and overall, for each reading."""
+    from toyworld.study import probe_markdown, probe_summary
+
+    def report(prompt, scale):
+        side = lambda base: {"by_t": [{"t": t, "mean": base * scale * (2 if t == 50 else 1), "std": 9.0, "n": 16}  # noqa: E731
+                                      for t in (50, 950)], "overall": {"mean": base * scale, "std": 9.0, "n": 16}}
+        return {"prompt": prompt, "space": "eps", "norm": "RMS", "num_generated": 16, "num_refs": 32,
+                "rows_by_reading": {"refs_only": {"rendered": side(2.0), "generated": side(1.0)},
+                                    "self_included": {"rendered": side(1.0), "generated": side(1.0)}}}
+
+    reports = [report("a red cube", 1.0), report("a blue cone", 3.0)]
+    s = probe_summary(reports)
+    assert s["refs_only"]["t"] == [50, 950]
+    assert s["refs_only"]["rendered"][0] == pytest.approx((8.0, 4.0))  # t=50: 4 and 12
+    assert s["refs_only"]["generated"][2] == pytest.approx((2.0, 1.0))  # overall: 1 and 3
+    text = probe_markdown(s, reports)
+    assert "| overall | 4.0000 +- 2.0000 | 2.0000 +- 1.0000 | 2.000 |" in text and "self_included" in text
+
+
 def test_committed_toy_clip_knows_the_world():
     """The committed toy CLIP (evaluate.py --clip-models toy) names clean ground-truth renders: shape and colour of
     each of the 16 plain objects from two sides (measured: see the closing assertion's margin in docs/toyworld.md)."""

@@ -8,6 +8,11 @@ CLIP committed now, so runs scored before a retrained CLIP are re-scored alike);
 and iteration), <out>/toy_study.md (per arm at the last iteration: mean +- std over runs; the iteration at which each
 arm's mean IoU first reaches vanilla's final mean; the matching loss along training from metrics.jsonl) and
 <out>/toy_study.png (IoU and matching loss along training, per arm). Runs still going are skipped and counted.
+
+With `--probe`, first the paper's §3 measurement for every prompt of `--prompts`: probe_ood.py (the prior, the
+`--opt` config's EvalParams) on renders of the initial model vs held-out prior samples, into
+<out>/probe/<prompt slug>/ (a prompt already measured is skipped: rerun to resume); then <out>/toy_probe.md, the
+matching loss per timestep and reading as mean +- std over prompts of each prompt's mean.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from evaluation.clip import TOY_CLIP_DIR, TOY_CLIP_NAME, load_scorer, rig_images
 from scene.gaussian_model import GaussianModel
@@ -205,11 +211,77 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PROBE_REPORT = "matching_loss_prior.json"  # probe_ood.py's report with --network prior and its defaults
+
+
+def probe_prompts(out: Path, prompts: list[str], opt: str) -> list[dict]:
+    """probe_ood.py for each prompt (skipped where its report exists); the reports."""
+    import probe_ood
+    from utils.prompts import slugify
+
+    reports = []
+    for prompt in tqdm(prompts, desc="§3 probe", unit="prompt"):
+        slug = slugify(prompt, 40)
+        path = out / "probe" / slug / "probe" / PROBE_REPORT
+        if not path.is_file():
+            code = probe_ood.cli(["--opt", opt, f"GuidanceParams.text={prompt}",
+                                  f"ModelParams.output_root={out / 'probe'}", f"ModelParams.workspace={slug}"])
+            if code != 0:
+                raise RuntimeError(f"probe_ood.py failed for '{prompt}' (exit {code})")
+        reports.append(json.loads(path.read_text()))
+    return reports
+
+
+def probe_summary(reports: list[dict]) -> dict:
+    """reading -> {"t": [...], "rendered"/"generated": [(mean, std) over prompts of the prompt means] per t, then
+    "overall" likewise}; the ratio of the two means is the paper's §3 comparison."""
+    summary = {}
+    for reading in reports[0]["rows_by_reading"]:
+        rows = [r["rows_by_reading"][reading] for r in reports]
+        ts = [row["t"] for row in rows[0]["rendered"]["by_t"]]
+        entry = {"t": ts}
+        for kind in ("rendered", "generated"):
+            per_t = [_mean_std([r[kind]["by_t"][i]["mean"] for r in rows]) for i in range(len(ts))]
+            entry[kind] = per_t + [_mean_std([r[kind]["overall"]["mean"] for r in rows])]
+        summary[reading] = entry
+    return summary
+
+
+def probe_markdown(summary: dict, reports: list[dict]) -> str:
+    r0 = reports[0]
+    lines = [f"§3 probe over {len(reports)} prompts ({', '.join(r['prompt'] for r in reports)}): matching loss "
+             f"(Eq. 5, {r0['space']} space, {r0['norm']}) of noisy renders of the initial model vs held-out prior "
+             f"samples, {r0['num_generated']} each per prompt, {r0['num_refs']} reference samples; mean +- std over "
+             "prompts of each prompt's mean.", ""]
+    for reading, e in summary.items():
+        lines += [f"Reading: {reading}", "", "| t | rendered | generated | ratio |", "|---|---|---|---|"]
+        for t, ren, gen in zip([*e["t"], "overall"], e["rendered"], e["generated"]):
+            lines.append(f"| {t} | {ren[0]:.4f} +- {ren[1]:.4f} | {gen[0]:.4f} +- {gen[1]:.4f} | "
+                         f"{ren[0] / gen[0]:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="a batch.py output folder of toy-world prompts")
+    p.add_argument("--probe", action="store_true", help="also the §3 probe over --prompts (see above)")
+    p.add_argument("--prompts", default=str(Path(__file__).parent / "study_prompts.txt"))
+    p.add_argument("--opt", default=str(Path(__file__).parents[1] / "configs" / "toy_study.yaml"),
+                   help="the config the probe runs with")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.probe:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            print(f"error: {args.prompts} lists no prompt; give a file with one prompt per line", file=sys.stderr)
+            return 2
+        reports = probe_prompts(out, prompts, args.opt)
+        text = probe_markdown(probe_summary(reports), reports)
+        write_text_atomic(out / "toy_probe.md", text)
+        print(text)
+        if not (out / "runs").is_dir():
+            return 0
     if not (out / "runs").is_dir():
         print(f"error: {out} holds no runs/ folder; run batch.py --out {out} first", file=sys.stderr)
         return 2
