@@ -5,6 +5,7 @@ shape fits best and which colour is nearest. `python -m toyworld.score output/<w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -89,9 +90,25 @@ def scale_aligned_iou(model, reference, cameras, scales=SCALES) -> tuple[float, 
     """(best IoU, its scale) of the model scaled about the origin by each of `scales` against a reference model.
     The toy prior fixes shape and colour but barely the object's size (its images span a 4x range of apparent size),
     so this separates "the right shape" from "the right size"."""
-    _, ref_alpha = views(reference, cameras)
-    best = max(((silhouette_iou(views(Scaled(model, s), cameras)[1], ref_alpha), s) for s in scales))
-    return best
+    return best_scale(scaled_silhouettes(model, cameras, scales), views(reference, cameras)[1])
+
+
+@torch.no_grad()
+def scaled_silhouettes(model, cameras, scales=SCALES) -> dict[float, torch.Tensor]:
+    """scale -> alpha [V, H, W] of the model scaled by it about the origin (rendered once, compared with many)."""
+    return {s: views(Scaled(model, s), cameras)[1] for s in scales}
+
+
+def best_scale(alphas: dict[float, torch.Tensor], ref_alpha: torch.Tensor) -> tuple[float, float]:
+    """(best IoU, its scale) over `scaled_silhouettes` against a reference's alpha."""
+    return max((silhouette_iou(alpha, ref_alpha), s) for s, alpha in alphas.items())
+
+
+@functools.lru_cache(maxsize=128)
+def reference_views(obj: ToyObject, resolution: int, n_views: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ground-truth object's first `n_views` evaluation views (`views`), computed once per process: every
+    scored model of a study compares with the same few objects."""
+    return views(object_splats(obj), score_cameras(resolution)[:n_views])
 
 
 def score_model(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> dict:
@@ -103,19 +120,17 @@ def score_model(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> dict:
     its silhouette to each colour's ground-truth mean (the prompt's shape), and nearest_colour its argmin;
     shape_ok / colour_ok."""
     target = parse_prompt(prompt)
-    cams = score_cameras(resolution)
-    rgb, alpha = views(model, cams)
-    small = score_cameras(32)[:8]
+    rgb, alpha = views(model, score_cameras(resolution))
+    scaled = scaled_silhouettes(model, score_cameras(32)[:8])
     shape_ious, scales = {}, {}
     for shape in SHAPES:
-        shape_ious[shape], scales[shape] = scale_aligned_iou(model, object_splats(ToyObject(shape, target.colour)),
-                                                             small)
-    gt = object_splats(target)
-    gt_rgb, gt_alpha = views(gt, cams)
+        ref_alpha = reference_views(ToyObject(shape, target.colour), 32, 8)[1]
+        shape_ious[shape], scales[shape] = best_scale(scaled, ref_alpha)
+    gt_rgb, gt_alpha = reference_views(target, resolution)
     ours = mean_colour(rgb, alpha)
     colour_distances = {}
     for colour in COLOURS:
-        c_rgb, c_alpha = views(object_splats(ToyObject(target.shape, colour, False)), cams)
+        c_rgb, c_alpha = reference_views(ToyObject(target.shape, colour, False), resolution)
         colour_distances[colour] = float((mean_colour(c_rgb, c_alpha) - ours).norm())
     best_shape = max(shape_ious, key=shape_ious.get)
     nearest = min(colour_distances, key=colour_distances.get)

@@ -36,6 +36,7 @@ from utils.files import atomic_path, write_text_atomic
 
 RUN_NAME = re.compile(r"^(?P<prompt>.+)__(?P<arm>[^_].*?)__s(?P<seed>\d+)__[0-9a-f]+$")
 CACHE = "toy_scores.json"
+SCORES_VERSION = 2  # part of each cache entry's stamp: raise it when the scores change meaning
 CLIP_RESOLUTION = 64  # the toy CLIP's input size
 
 
@@ -63,7 +64,7 @@ def _stamp(path: Path) -> str:
 def toy_clip_score(model, prompt: str, scorer) -> float:
     """The toy CLIP's score of `model` for `prompt`: mean over the 16 evaluation views of 100 x cosine."""
     images = rig_images(model, torch.ones(3), CLIP_RESOLUTION, backend="torch")
-    return 100.0 * float(scorer.similarity(images, prompt).double().mean())
+    return float(scorer.similarity(images, prompt).double().mean())  # similarity is already 100 x cosine
 
 
 def score_run(run: Path, scorer=None) -> dict[int, dict]:
@@ -75,7 +76,7 @@ def score_run(run: Path, scorer=None) -> dict[int, dict]:
     clip_stamp = _stamp(TOY_CLIP_DIR / f"{TOY_CLIP_NAME}.safetensors")
     out = {}
     for it, ply in run_plys(run).items():
-        stamp = f"{_stamp(ply)}|{clip_stamp}"
+        stamp = f"v{SCORES_VERSION}|{_stamp(ply)}|{clip_stamp}"
         entry = cache.get(str(it))
         if not entry or entry.get("stamp") != stamp:
             scorer = scorer or load_scorer("toy", None)
