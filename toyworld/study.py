@@ -212,12 +212,15 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROBE_REPORT = "matching_loss_prior.json"  # probe_ood.py's report with --network prior and its defaults
 
 
 def probe_prompts(out: Path, prompts: list[str], opt: str) -> list[dict]:
-    """probe_ood.py for each prompt (skipped where its report exists); the reports."""
-    import probe_ood
+    """probe_ood.py for each prompt (skipped where its report exists), each in its own process (an entry script, as
+    batch.py runs them); the reports."""
+    import subprocess
+
     from utils.prompts import slugify
 
     reports = []
@@ -225,8 +228,9 @@ def probe_prompts(out: Path, prompts: list[str], opt: str) -> list[dict]:
         slug = slugify(prompt, 40)
         path = out / "probe" / slug / "probe" / PROBE_REPORT
         if not path.is_file():
-            code = probe_ood.cli(["--opt", opt, f"GuidanceParams.text={prompt}",
-                                  f"ModelParams.output_root={out / 'probe'}", f"ModelParams.workspace={slug}"])
+            code = subprocess.call([sys.executable, str(PROJECT_ROOT / "probe_ood.py"), "--opt", opt,
+                                    f"GuidanceParams.text={prompt}", f"ModelParams.output_root={out / 'probe'}",
+                                    f"ModelParams.workspace={slug}"])
             if code != 0:
                 raise RuntimeError(f"probe_ood.py failed for '{prompt}' (exit {code})")
         reports.append(json.loads(path.read_text()))
@@ -268,7 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("out", help="a batch.py output folder of toy-world prompts")
     p.add_argument("--probe", action="store_true", help="also the §3 probe over --prompts (see above)")
     p.add_argument("--prompts", default=str(Path(__file__).parent / "study_prompts.txt"))
-    p.add_argument("--opt", default=str(Path(__file__).parents[1] / "configs" / "toy_study.yaml"),
+    p.add_argument("--opt", default=str(PROJECT_ROOT / "configs" / "toy_study.yaml"),
                    help="the config the probe runs with")
     args = p.parse_args(argv)
     out = Path(args.out)
