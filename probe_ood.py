@@ -9,8 +9,9 @@ Three sets of clean latents x_0, all reaching the latent space through the same 
   cfg.seed) of the prior, or with EvalParams.probe_refs=current of the probed network (App. H), the reference batch
   of the Stable Target Field estimate (Eq. 11);
 - "generated": M held-out samples of the prior (seed cfg.seed + 1), the in-distribution baseline;
-- "rendered": M renders of the INITIAL 3D model (<run>/init_points3d.ply, written by form_path.py or train.py) from
-  the training camera distribution (its own camera stream, so not the views the path LoRA was fitted on).
+- "rendered": M renders of the INITIAL 3D model (<run>/init_points3d.ply, written by form_path.py or train.py, or
+  built here for --network prior) from the training camera distribution (its own camera stream, so not the views the
+  path LoRA was fitted on).
 For each set, Eq. 5 per sample: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the same eps for both sets,
 eps_pred = eps_phi(x_t, t, y) with the PLAIN prompt y and no CFG (the conditional score of p(x | y), whose samples are
 the references; view prompts would condition on something the references do not have), against the STF estimate
@@ -86,8 +87,10 @@ def measure(cfg: Config, network: str, num_refs: int, num_generated: int, timest
     """Load, sample (cached), render, encode and measure; returns the report dict."""
     device = resolve_device(cfg.device)
     validate(cfg, device)
+    # Gaussians or a NeRF (ModelParams.representation): the run's own initial model; for the prior alone, built (the
+    # same seeded one form_path.py and train.py build) where no stage has run yet; then the seed, either way alike
+    gaussians = initial_model(cfg, device, create=network == "prior")
     seed_everything(cfg.seed)
-    gaussians = initial_model(cfg, device, create=False)  # Gaussians or a NeRF (ModelParams.representation)
     guidance = make_guidance(cfg, device)
     c, folder = cfg.GenerateCamParams, run_dir(cfg) / "probe"
     generated = cached_prior_latents(folder, guidance, num_generated, cfg.seed + 1, c.image_h, c.image_w,

@@ -24,7 +24,8 @@ def test_defaults_are_stock_luciddreamer():
     assert (g.guidance_scale, g.lambda_guidance, g.delta_t, g.delta_t_start, g.xs_delta_t, g.xs_inv_steps) == \
         (7.5, 0.1, 80, 100, 200, 5)
     assert g.t_range == [0.02, 0.5] and g.max_t_range == 0.98 and g.C_batch_size == 4
-    assert (o.iterations, o.warmup_iter, o.densify_grad_threshold, o.opacity_reset_interval) == (5000, 1500, 0.00075, 300)
+    assert (o.iterations, o.warmup_iter, o.densify_grad_threshold, o.opacity_reset_interval) == \
+        (5000, 1500, 0.00075, 300)
     assert c.fovy_range == [0.32, 0.60] and c.radius_range == [5.2, 5.5] and c.init_num_pts == 100_000
     assert (cfg.PTDParams.total_steps, cfg.PTDParams.power, cfg.PTDParams.lora_rank) == (1000, 0.3, 4)
     assert cfg.PTDParams.mode == "off"
