@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluation.clip import TOY_CLIP_DIR, TOY_CLIP_NAME, load_scorer, rig_images
+from evaluation.clip import TOY_CLIP_DIR, TOY_CLIP_NAME, clip_scores, load_scorer, rig_images
 from scene.gaussian_model import GaussianModel
 from toyworld.score import score_model
 from utils.files import atomic_path, write_text_atomic
@@ -62,9 +62,10 @@ def _stamp(path: Path) -> str:
 
 
 def toy_clip_score(model, prompt: str, scorer) -> float:
-    """The toy CLIP's score of `model` for `prompt`: mean over the 16 evaluation views of 100 x cosine."""
+    """The toy CLIP's score of `model` for `prompt`: evaluate.py's (mean over the 16 evaluation views of 100 x
+    cosine), on a white background."""
     images = rig_images(model, torch.ones(3), CLIP_RESOLUTION, backend="torch")
-    return float(scorer.similarity(images, prompt).double().mean())  # similarity is already 100 x cosine
+    return clip_scores({"toy": scorer}, images, prompt)["toy"]["mean"]
 
 
 def score_run(run: Path, scorer=None) -> dict[int, dict]:
@@ -103,7 +104,7 @@ def matching_losses(run: Path) -> dict[int, float]:
 
 
 def collect(out: Path) -> tuple[list[dict], int]:
-    rows, unfinished, scorer = [], 0, None
+    rows, unfinished = [], 0
     for run in sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []:
         m = RUN_NAME.match(run.name)
         if not m or not run.is_dir():
@@ -112,8 +113,7 @@ def collect(out: Path) -> tuple[list[dict], int]:
             unfinished += 1
             continue
         losses = matching_losses(run)
-        scorer = scorer or load_scorer("toy", None)
-        for it, s in score_run(run, scorer).items():
+        for it, s in score_run(run).items():
             rows.append({"run": run.name, "prompt": s["prompt"], "arm": m["arm"], "seed": int(m["seed"]),
                          "iteration": it, "iou": s["iou"], "aligned_iou": s["aligned_iou"],
                          "colour_error": s["colour_error"], "toy_clip": s["toy_clip"],
@@ -285,9 +285,9 @@ def main(argv=None) -> int:
         text = probe_markdown(probe_summary(reports), reports)
         write_text_atomic(out / "toy_probe.md", text)
         print(text)
-        if not (out / "runs").is_dir():
-            return 0
     if not (out / "runs").is_dir():
+        if args.probe:
+            return 0
         print(f"error: {out} holds no runs/ folder; run batch.py --out {out} first", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
