@@ -216,7 +216,7 @@ def test_train_prior_resume_equals_uninterrupted(tmp_path):
 
 
 def test_study_summary_of_synthetic_runs():
-    from toyworld.study import RUN_NAME, summarise
+    from toyworld.study import RUN_NAME, markdown, summarise
 
     m = RUN_NAME.match("a_blue_cone__ptd-checkpoints__s1__0123abcd")
     assert m and m["arm"] == "ptd-checkpoints" and m["seed"] == "1"
@@ -234,6 +234,35 @@ def test_study_summary_of_synthetic_runs():
     assert s["vanilla"]["reaches_vanilla_final_at"] == 300 and s["ptd"]["reaches_vanilla_final_at"] == 200
     assert s["ptd"]["loss_curve"][200] == pytest.approx(1.2)
     assert s["ptd"]["toy_clip"] == pytest.approx((25.0, 5.0))
+    assert s["ptd"]["clip_curve"][300] == pytest.approx(25.0) and s["vanilla"]["colour_curve"][100] == 0.1
+    # vanilla's best mean is its final (0.7) here; paired: same shift per seed, so every pair differs by the curves'
+    assert s["ptd"]["reaches_vanilla_best_at"] == 200
+    assert s["ptd"]["paired"][100] == pytest.approx((0.05, 0.0, 2)) and s["vanilla"]["paired"] == {}
+    text = markdown(s, 0)
+    assert "| ptd | +0.050 +- 0.000 (2) | +0.120 +- 0.000 (2) | +0.040 +- 0.000 (2) |" in text
+
+
+def test_study_paired_differences_and_best():
+    """Pairs match on (prompt, seed): a run without its vanilla partner is left out; the standard error is the
+    sample std over pairs / sqrt(pairs); vanilla's best can come before its end."""
+    from toyworld.study import summarise
+
+    def row(arm, prompt, seed, it, iou):
+        return {"arm": arm, "prompt": prompt, "seed": seed, "iteration": it, "aligned_iou": iou, "iou": iou,
+                "colour_error": 0.0, "toy_clip": 0.0, "shape_ok": True, "colour_ok": True, "matching_loss": None}
+
+    rows = [row("vanilla", "a", 0, 50, 0.5), row("vanilla", "a", 0, 100, 0.9), row("vanilla", "a", 0, 150, 0.8),
+            row("vanilla", "b", 0, 50, 0.3), row("vanilla", "b", 0, 100, 0.7), row("vanilla", "b", 0, 150, 0.6),
+            row("ptd", "a", 0, 50, 0.7), row("ptd", "a", 0, 100, 0.9), row("ptd", "a", 0, 150, 0.8),
+            row("ptd", "b", 0, 50, 0.4), row("ptd", "b", 0, 100, 0.7), row("ptd", "b", 0, 150, 0.6),
+            row("ptd", "c", 0, 50, 0.0)]  # no vanilla partner
+    s = summarise(rows)
+    assert s["vanilla"]["reaches_vanilla_final_at"] == 100 and s["vanilla"]["reaches_vanilla_best_at"] == 100
+    diffs = [0.2, 0.1]
+    assert s["ptd"]["paired"][50] == pytest.approx((0.15, np.std(diffs, ddof=1) / np.sqrt(2), 2))
+    assert s["ptd"]["paired"][100] == pytest.approx((0.0, 0.0, 2))
+    # ptd's mean at 50 includes the unpaired run: (0.7 + 0.4 + 0.0) / 3
+    assert s["ptd"]["aligned_curve"][50] == pytest.approx(1.1 / 3)
 
 
 def test_probe_summary_over_prompts():

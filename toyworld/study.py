@@ -123,9 +123,13 @@ def collect(out: Path) -> tuple[list[dict], int]:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per arm: the last iteration's mean +- std of each score, and the mean raw and scale-aligned IoU per iteration.
+    """Per arm: the last iteration's mean +- std of each score, and per iteration the mean raw and scale-aligned IoU,
+    colour error, toy-CLIP score and matching loss.
     "reaches_vanilla_final_at": the first iteration whose mean aligned IoU (the shape, with the size that text cannot
-    fix factored out: toyworld.score) reaches vanilla's final one."""
+    fix factored out: toyworld.score) reaches vanilla's final one; "reaches_vanilla_best_at": vanilla's best mean
+    over its iterations (vanilla's quality need not peak at the end).
+    "paired": per iteration, the arm's aligned IoU minus vanilla's on the same (prompt, seed), as (mean, standard
+    error, pairs): the comparison with the prompt-to-prompt spread taken out."""
     by_arm = defaultdict(list)
     for r in rows:
         by_arm[r["arm"]].append(r)
@@ -134,10 +138,12 @@ def summarise(rows: list[dict]) -> dict:
         last_it = max(r["iteration"] for r in rs)
         last = [r for r in rs if r["iteration"] == last_it]
         curve, aligned = defaultdict(list), defaultdict(list)
-        loss_curve = defaultdict(list)
+        loss_curve, colour_curve, clip_curve = defaultdict(list), defaultdict(list), defaultdict(list)
         for r in rs:
             curve[r["iteration"]].append(r["iou"])
             aligned[r["iteration"]].append(r["aligned_iou"])
+            colour_curve[r["iteration"]].append(r["colour_error"])
+            clip_curve[r["iteration"]].append(r["toy_clip"])
             if r["matching_loss"] is not None:
                 loss_curve[r["iteration"]].append(r["matching_loss"])
         summary[arm] = {
@@ -150,11 +156,22 @@ def summarise(rows: list[dict]) -> dict:
             "colour_ok": float(np.mean([r["colour_ok"] for r in last])),
             "iou_curve": {it: float(np.mean(v)) for it, v in sorted(curve.items())},
             "aligned_curve": {it: float(np.mean(v)) for it, v in sorted(aligned.items())},
-            "loss_curve": {it: float(np.mean(v)) for it, v in sorted(loss_curve.items())}}
+            "loss_curve": {it: float(np.mean(v)) for it, v in sorted(loss_curve.items())},
+            "colour_curve": {it: float(np.mean(v)) for it, v in sorted(colour_curve.items())},
+            "clip_curve": {it: float(np.mean(v)) for it, v in sorted(clip_curve.items())}}
     if "vanilla" in summary:
-        target = summary["vanilla"]["aligned_iou"][0]
+        final = summary["vanilla"]["aligned_iou"][0]
+        best = max(summary["vanilla"]["aligned_curve"].values())
+        base = {(r.get("prompt"), r["seed"], r["iteration"]): r["aligned_iou"] for r in by_arm["vanilla"]}
         for arm, s in summary.items():
-            s["reaches_vanilla_final_at"] = next((it for it, v in s["aligned_curve"].items() if v >= target), None)
+            s["reaches_vanilla_final_at"] = next((it for it, v in s["aligned_curve"].items() if v >= final), None)
+            s["reaches_vanilla_best_at"] = next((it for it, v in s["aligned_curve"].items() if v >= best), None)
+            diffs = defaultdict(list)
+            for r in by_arm[arm]:
+                key = (r.get("prompt"), r["seed"], r["iteration"])
+                if arm != "vanilla" and key in base:
+                    diffs[r["iteration"]].append(r["aligned_iou"] - base[key])
+            s["paired"] = {it: _mean_sem(v) for it, v in sorted(diffs.items())}
     return summary
 
 
@@ -162,23 +179,39 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
+def _mean_sem(values: list[float]) -> tuple[float, float, int]:
+    """Mean, standard error of the mean (sample std / sqrt(n); 0 for one value) and n."""
+    n = len(values)
+    sem = float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    return float(np.mean(values)), sem, n
+
+
 def markdown(summary: dict, unfinished: int) -> str:
     lines = ["| arm | runs | iteration | raw IoU | aligned IoU | colour error | toy CLIP | best shape right | "
-             "nearest colour right | mean aligned IoU first >= vanilla's final at |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "nearest colour right | mean aligned IoU first >= vanilla's final at | ... >= vanilla's best at |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in summary.items():
         lines.append(f"| {arm} | {s['runs']} | {s['iteration']} | {s['iou'][0]:.3f} +- {s['iou'][1]:.3f} | "
                      f"{s['aligned_iou'][0]:.3f} +- {s['aligned_iou'][1]:.3f} | "
                      f"{s['colour_error'][0]:.3f} +- {s['colour_error'][1]:.3f} | "
                      f"{s['toy_clip'][0]:.2f} +- {s['toy_clip'][1]:.2f} | {s['shape_ok']:.0%} | "
-                     f"{s['colour_ok']:.0%} | {s.get('reaches_vanilla_final_at', '-')} |")
+                     f"{s['colour_ok']:.0%} | {s.get('reaches_vanilla_final_at', '-')} | "
+                     f"{s.get('reaches_vanilla_best_at', '-')} |")
     iters = sorted({it for s in summary.values() for it in s["iou_curve"]})
-    for title, key in (("Mean aligned IoU", "aligned_curve"), ("Mean raw IoU", "iou_curve")):
+    for title, key, fmt in (("Mean aligned IoU", "aligned_curve", ".3f"), ("Mean raw IoU", "iou_curve", ".3f"),
+                            ("Mean colour error", "colour_curve", ".3f"), ("Mean toy-CLIP score", "clip_curve", ".2f")):
         lines += ["", f"{title} along training:", "", "| arm | " + " | ".join(map(str, iters)) + " |",
                   "|---|" + "---|" * len(iters)]
         for arm, s in summary.items():
-            lines.append(f"| {arm} | " + " | ".join(f"{s[key][it]:.3f}" if it in s[key] else "-"
+            lines.append(f"| {arm} | " + " | ".join(format(s[key][it], fmt) if it in s[key] else "-"
                                                       for it in iters) + " |")
+    paired = {arm: s["paired"] for arm, s in summary.items() if s.get("paired")}
+    if paired:
+        lines += ["", "Aligned IoU minus vanilla's on the same prompt and seed (mean +- standard error, pairs):", "",
+                  "| arm | " + " | ".join(map(str, iters)) + " |", "|---|" + "---|" * len(iters)]
+        for arm, p in paired.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{p[it][0]:+.3f} +- {p[it][1]:.3f} ({p[it][2]})"
+                                                      if it in p else "-" for it in iters) + " |")
     if any(s["loss_curve"] for s in summary.values()):
         its = sorted({it for s in summary.values() for it in s["loss_curve"]})
         lines += ["", "Mean matching loss along training (metrics.jsonl):", "",
