@@ -309,3 +309,20 @@ def test_model_key_toy_resolves_to_the_committed_prior():
 
     assert resolve_model_key("toy") == str(TOY_PRIOR_DIR)
     assert (TOY_PRIOR_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_card_views_and_ground_truth_ceiling():
+    """The card's azimuths lie in the range their caption names (view_of_azimuth); the ground-truth reference
+    classifies clean renders of plain objects from the side right, and the accuracy counts attributes apart."""
+    from evaluation.clip import load_scorer
+    from toyworld.card import accuracy, ground_truth_ceiling, view_azimuths
+
+    for view in ("front", "side", "back"):
+        assert {view_of_azimuth(a) for a in view_azimuths(view)} == {view}
+    assert len(view_azimuths("plain")) == 12
+    objects = [ToyObject("cube", "red"), ToyObject("cone", "blue"), ToyObject("cube", "red", True)]
+    acc = accuracy([2, 1, 0], [0, 1, 2], objects)  # red cube <-> red cube with a purple front swapped
+    assert acc == {"prompt": pytest.approx(1 / 3), "shape": 1.0, "colour": 1.0, "front": pytest.approx(1 / 3)}
+    torch.set_num_threads(1)
+    out = ground_truth_ceiling(objects[:2], "side", load_scorer("toy", None))
+    assert set(out) == {"clean"} and out["clean"]["prompt"] == 1.0
