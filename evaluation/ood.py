@@ -25,10 +25,10 @@ import torch
 
 from arguments import Config, run_dir
 from gaussian_renderer import render_views
-from guidance.ptd_utils import _is_lora_layer
+from guidance.lora_merge import lora_scalings
 from guidance.stf import aggregate_by_timestep, matching_loss
 from stages.run import make_sampler
-from utils.files import atomic_path, stable_hash
+from utils.files import atomic_path, file_hash, stable_hash
 
 # camera stream of the probe's renders (stage 2 draws with seed offset 0, stage 1 with 1): held-out views
 PROBE_CAMERA_OFFSET = 2
@@ -36,6 +36,15 @@ PROBE_CAMERA_OFFSET = 2
 READINGS = {"refs_only": False, "self_included": True}
 # samples of networks other than the prior kept in a memo (the monitor's "current" references: one per LoRA weight)
 MEMO_SIZE = 4
+
+
+def noise_seed(seed: int) -> int:
+    """The seed of the matching loss's noise draws for a run seeded `seed`: a stream of its own. The reference (and
+    generated) samples start DDIM from torch.randn with `seed` (or seed + 1) itself; drawing eps from that same stream
+    made the first images' eps equal some reference's x_T, which a DDIM sample stays correlated with, so the STF
+    weights leaned toward that "twin" reference (measured on the toy prior: its weight 0.74 instead of ~0.03 at
+    t = 950) and the loss came out biased upward."""
+    return int(stable_hash({"stream": "matching-loss-noise", "seed": int(seed)}), 16) % (2 ** 63)
 
 
 def reading_name(include_self: bool) -> str:
@@ -46,30 +55,41 @@ def reading_name(include_self: bool) -> str:
 def network_fingerprint(unet) -> str | None:
     """What makes `unet` differ from the prior now: a hash of every LoRA (layer, adapter) with a non-zero scaling, that
     scaling and its factors' bytes; None when none contributes (the prior: weight 0 parks an adapter and merged
-    weights are W0 again). The prior LoRA of GuidanceParams.prior_lora is fused at load: part of the model key."""
+    weights are W0 again). A folded adapter (lora_merge.fold_lora) counts at its folded weight, so the same network
+    has the same fingerprint folded or not. The prior LoRA of GuidanceParams.prior_lora is fused at load: part of
+    the model key."""
     if not getattr(unet, "peft_config", None):
         return None
-    digest, active = hashlib.sha256(), False
-    for index, layer in enumerate(m for m in unet.modules() if _is_lora_layer(m)):
-        for adapter, scaling in sorted(layer.scaling.items()):
-            if scaling == 0.0:
-                continue
-            active = True
-            digest.update(f"{index}:{adapter}:{float(scaling)!r}".encode())
-            for factor in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
-                digest.update(factor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    digest, active, index, last = hashlib.sha256(), False, -1, None
+    for layer, adapter, scaling in lora_scalings(unet):
+        if layer is not last:
+            index, last = index + 1, layer
+        if scaling == 0.0:
+            continue
+        active = True
+        digest.update(f"{index}:{adapter}:{float(scaling)!r}".encode())
+        for factor in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
+            digest.update(factor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16] if active else None
 
 
 def prior_sample_key(guidance, n: int, seed: int, height: int, width: int, steps: int,
                      network: str | None = None) -> dict:
-    """Everything a cached sample set depends on; `network` (a `network_fingerprint`) only for a network other than
-    the prior, so that the prior's key, and its cache file, stay what they were."""
+    """Everything a cached sample set depends on: the model, the LoRAs fused into it at load (path and file bytes,
+    so a LoRA retrained in place is not mistaken for the old one), prompt, CFG, n, seed, size, steps and dtype;
+    `network` (a `network_fingerprint`) only for a network other than the prior, so that the prior's key, and its
+    cache file, stay what they were."""
     gp = guidance.gp
     key = {"model": str(guidance.model_path), "prior_lora": gp.prior_lora, "prompt": gp.text,
            "negative": gp.negative, "guidance_scale": gp.guidance_scale, "n": int(n), "seed": int(seed),
            "height": int(height), "width": int(width), "steps": int(steps), "dtype": str(guidance.dtype),
            "format": "ptd-prior-samples-v1"}
+    if gp.LoRA_path:  # (added only when set: the key, and the cache file, of a plain prior stay what they were)
+        key["LoRA_path"] = gp.LoRA_path
+    for name, path in (("prior_lora", gp.prior_lora), ("LoRA_path", gp.LoRA_path)):  # fused at load: their bytes
+        if path:
+            files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+            key[f"{name}_files"] = {f.name: file_hash(f) for f in files if f.is_file()}
     if network is not None:
         key["network"] = network
     return key
@@ -124,7 +144,8 @@ def matching_losses_by_reading(guidance, x0: torch.Tensor, ref_x0: torch.Tensor,
         x0: [N, 4, h, w] clean latents (renders or generated images); ref_x0: [n, 4, h, w] the STF reference set.
         timesteps: sampled indices (the guidance's convention: abar = guidance.abar(i), UNet timestep tau(i)).
         text_emb: [1, 77, D] the prompt embedding of eps_pred (no CFG).
-        seed: seeds the noise eps (a CPU generator: the same eps for every call with the same seed and shapes).
+        seed: the run's seed; the noise eps comes from a CPU generator seeded `noise_seed(seed)` (the same eps for
+            every call with the same seed and shapes, and never a stream a reference sample started from).
         draws: K noise draws per image and timestep.
         readings: include_self values: False = references only (Eq. 11 as written), True = each x_0 also in its
             own reference set (Xu et al.'s STF).
@@ -133,7 +154,7 @@ def matching_losses_by_reading(guidance, x0: torch.Tensor, ref_x0: torch.Tensor,
     Returns:
         {include_self: [T, N, K] per-sample losses}.
     """
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(noise_seed(seed))
     n, out = x0.shape[0], {r: [] for r in readings}
     for t in timesteps:
         abar = guidance.abar(int(t)).float()

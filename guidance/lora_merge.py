@@ -26,9 +26,10 @@ from typing import Iterator, Mapping
 import torch
 
 from guidance import ptd_utils
-from guidance.ptd_utils import _PARK_ATTR, PathTracer, _finite, _pairs, _scale_adapter, _set_branch
+from guidance.ptd_utils import _PARK_ATTR, PathTracer, _finite, _is_lora_layer, _pairs, _scale_adapter, _set_branch
 
-__all__ = ["fold_lora", "folded_adapter", "set_scale", "scale", "load_adapter_weights", "make_tracer"]
+__all__ = ["fold_lora", "folded_adapter", "lora_scalings", "set_scale", "scale", "load_adapter_weights",
+           "make_tracer"]
 
 _FOLD_ATTR = "_ptd_fold"  # on the model: its _Fold while an adapter is folded
 
@@ -97,13 +98,32 @@ def _deltas_into(fold: _Fold, out: list[torch.Tensor] | None = None) -> list[tor
     return deltas
 
 
-def _unit_scaling(layer: torch.nn.Module, adapter: str) -> float:
-    """peft's scaling of `adapter` at w = 1 (lora_alpha / r, or / sqrt(r) with rsLoRA), read through set_scale."""
+def _unit_scaling(layer: torch.nn.Module, adapter: str, weight: float = 1.0) -> float:
+    """peft's scaling of `adapter` at w = `weight` (w lora_alpha / r, or / sqrt(r) with rsLoRA), read through
+    set_scale."""
     now = layer.scaling[adapter]
-    layer.set_scale(adapter, 1.0)
+    layer.set_scale(adapter, weight)
     unit = layer.scaling[adapter]
     layer.scaling[adapter] = now
     return unit
+
+
+def lora_scalings(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, float]]:
+    """Every (peft LoRA layer, adapter, scaling) of `model`, in module order, as if nothing were folded: the layers of
+    a folded adapter (out of the module tree) in their places, with the scaling peft's branch has at the folded w.
+    So a network reads the same folded or not (evaluation.ood.network_fingerprint); the tree is left untouched."""
+    fold = model.__dict__.get(_FOLD_ATTR)
+    wrappers = {id(layer.get_base_layer()): layer for layer in fold.layers} if fold is not None else {}
+    out = []
+    for module in model.modules():
+        layer = wrappers.get(id(module), module)
+        if not _is_lora_layer(layer):
+            continue
+        for adapter, scaling in sorted(layer.scaling.items()):
+            if fold is not None and adapter == fold.adapter and layer is not module:
+                scaling = _unit_scaling(layer, adapter, fold.weight)
+            out.append((layer, adapter, float(scaling)))
+    return out
 
 
 @torch.no_grad()

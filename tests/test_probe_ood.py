@@ -17,6 +17,7 @@ from stages.run import PATH_ADAPTER, load_path_lora, make_guidance
 from test_end_to_end import SMOKE, TINY_RUN
 from evaluation import ood
 from guidance.sd_utils import StableDiffusionGuidance
+from utils.files import stable_hash
 
 PROBE = ["EvalParams.probe_num_refs=4", "EvalParams.probe_ddim_steps=2", "EvalParams.probe_timesteps=[100,500,900]",
          "save_video=false"]
@@ -61,7 +62,7 @@ def test_matching_losses_layout_equals_a_loop(include_self, space, normalize):
     out = ood.matching_losses(FakeGuidance(), x0, refs, timesteps, emb, seed=7, draws=draws, batch=4,
                               include_self=include_self, space=space, normalize=normalize)
     assert out.shape == (2, 3, 2)
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(ood.noise_seed(7))
     for i, t in enumerate(timesteps):
         abar = torch.tensor(1.0 - t / 1000.0)
         eps = torch.randn((draws, *x0.shape), generator=gen)
@@ -72,6 +73,27 @@ def test_matching_losses_layout_equals_a_loop(include_self, space, normalize):
                 want = matching_loss(0.3 * x_t + t / 1000.0, x_t, ref_set, abar.sqrt(), (1 - abar).sqrt(), space,
                                      normalize)
                 torch.testing.assert_close(out[i, n, k], want[0])
+
+
+def test_scoring_noise_is_not_a_reference_starting_noise():
+    """The references (and the generated set) start DDIM from torch.randn with the run's seed (seed + 1): the matching
+    loss's eps must come from another stream, else each scored image's eps is some reference's x_T and the STF
+    weights lean toward that reference."""
+    seen = []
+
+    class Recording(FakeGuidance):
+        def unet_eps(self, x_t, t, emb):
+            seen.append(x_t.clone())
+            return super().unet_eps(x_t, t, emb)
+
+    seed, shape = 0, (4, 4, 2, 2)
+    x0 = torch.zeros(shape)  # x_t = sigma eps: eps readable from the UNet's input
+    ood.matching_losses(Recording(), x0, torch.randn(3, *shape[1:]), [100, 500, 900], torch.zeros(1, 77, 8), seed)
+    eps = torch.cat([x / math.sqrt(t / 1000.0) for x, t in zip(seen, [100, 500, 900])]).flatten(1)
+    for start_seed in (seed, seed + 1):  # as sample_prior_latents draws its starting noise, batch after batch
+        x_T = torch.randn((32, *shape[1:]), generator=torch.Generator().manual_seed(start_seed)).flatten(1)
+        closest = torch.cdist(eps, x_T).min()
+        assert closest > 1.0, f"a scoring eps equals a reference's starting noise (seed {start_seed})"
 
 
 def test_both_readings_in_one_pass_equal_separate_calls():
@@ -149,6 +171,28 @@ def test_current_references_follow_the_network(stage1_run, tmp_path, monkeypatch
     assert not torch.allclose(at_half, at_one) and not torch.allclose(at_half, prior)
     with pytest.raises(ValueError, match="network 'lora' is not 'prior' or 'current'"):
         guidance.sample_prior_latents(1, 0, 32, 32, 1, network="lora")
+
+
+def test_fingerprint_of_a_folded_adapter_is_the_unfolded_one(stage1_run):
+    """lora_merge.fold_lora takes peft's wrappers out of the module tree (on by default on CUDA): the network must
+    read the same, at every weight, or probe_refs=current would sample the prior's references under PTD."""
+    from guidance.lora_merge import fold_lora
+
+    cfg = stage1_cfg(stage1_run)
+    guidance = make_guidance(cfg, torch.device("cpu"))
+    load_path_lora(cfg, guidance)
+    unfolded = {}
+    for w in (0.5, 1.0, 0.0):
+        set_scale(guidance.unet, w, PATH_ADAPTER)
+        unfolded[w] = ood.network_fingerprint(guidance.unet)
+    assert unfolded[0.0] is None and None not in (unfolded[0.5], unfolded[1.0]) and unfolded[0.5] != unfolded[1.0]
+    set_scale(guidance.unet, 0.5, PATH_ADAPTER)
+    fold_lora(guidance.unet, PATH_ADAPTER)
+    names = [n for n, _ in guidance.unet.named_modules()]
+    for w in (0.5, 1.0, 0.0):
+        set_scale(guidance.unet, w, PATH_ADAPTER)
+        assert ood.network_fingerprint(guidance.unet) == unfolded[w], w
+    assert [n for n, _ in guidance.unet.named_modules()] == names  # read without touching the tree
 
 
 def test_probe_end_to_end_prior_and_path(stage1_run, monkeypatch):
@@ -232,3 +276,31 @@ def test_probe_include_self_picks_the_rows_and_raw_score_space(stage1_run, capsy
                                     default["rows_by_reading"][reading][name]["by_t"]):
                 factor = math.sqrt(dim) / (1 - guidance.abar(r_raw["t"])).sqrt().item()
                 assert r_raw["mean"] == pytest.approx(r_eps["mean"] * factor, rel=1e-4)
+
+
+def test_sample_cache_key_follows_the_fused_loras(tmp_path):
+    """GuidanceParams.LoRA_path and prior_lora are fused into the prior at load: a cached sample set must not be reused
+    for another LoRA, nor for the same path retrained in place; a plain prior's key is unchanged by this."""
+    from types import SimpleNamespace
+
+    from arguments.params import GuidanceParams
+
+    gp = GuidanceParams()
+    gp.text = "a red cube"
+    guidance = SimpleNamespace(gp=gp, model_path="toy", dtype=torch.float32)
+    plain = ood.prior_sample_key(guidance, 4, 0, 64, 64, 10)
+    assert not any("LoRA" in k or k.endswith("_files") for k in plain)
+    lora = tmp_path / "lora_diffusion.safetensors"
+    lora.write_bytes(b"first")
+    gp.LoRA_path = str(lora)
+    first = ood.prior_sample_key(guidance, 4, 0, 64, 64, 10)
+    lora.write_bytes(b"retrained")
+    second = ood.prior_sample_key(guidance, 4, 0, 64, 64, 10)
+    assert len({stable_hash(plain), stable_hash(first), stable_hash(second)}) == 3
+    folder = tmp_path / "prior_lora"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"a")
+    gp.LoRA_path, gp.prior_lora = None, str(folder)
+    a = ood.prior_sample_key(guidance, 4, 0, 64, 64, 10)
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"b")
+    assert stable_hash(a) != stable_hash(ood.prior_sample_key(guidance, 4, 0, 64, 64, 10))
