@@ -237,7 +237,8 @@ def test_study_summary_of_synthetic_runs():
     assert s["ptd"]["clip_curve"][300] == pytest.approx(25.0) and s["vanilla"]["colour_curve"][100] == 0.1
     # vanilla's best mean is its final (0.7) here; paired: same shift per seed, so every pair differs by the curves'
     assert s["ptd"]["reaches_vanilla_best_at"] == 200
-    assert s["ptd"]["paired"][100] == pytest.approx((0.05, 0.0, 2)) and s["vanilla"]["paired"] == {}
+    assert s["ptd"]["paired"][100] == pytest.approx((0.05, 0.0, 2)) and "paired" not in s["vanilla"]
+    assert s["ptd"]["paired_loss"][200] == pytest.approx((0.0, 0.0, 2))  # same loss curve in both arms
     text = markdown(s, 0)
     assert "| ptd | +0.050 +- 0.000 (2) | +0.120 +- 0.000 (2) | +0.040 +- 0.000 (2) |" in text
 
@@ -256,7 +257,9 @@ def test_study_paired_differences_and_best():
             row("ptd", "a", 0, 50, 0.7), row("ptd", "a", 0, 100, 0.9), row("ptd", "a", 0, 150, 0.8),
             row("ptd", "b", 0, 50, 0.4), row("ptd", "b", 0, 100, 0.7), row("ptd", "b", 0, 150, 0.6),
             row("ptd", "c", 0, 50, 0.0)]  # no vanilla partner
+    rows[0]["matching_loss"], rows[6]["matching_loss"] = 0.5, 0.75  # ("a", 50): the only pair with both losses
     s = summarise(rows)
+    assert s["ptd"]["paired_loss"] == {50: pytest.approx((0.25, 0.0, 1))}
     assert s["vanilla"]["reaches_vanilla_final_at"] == 100 and s["vanilla"]["reaches_vanilla_best_at"] == 100
     diffs = [0.2, 0.1]
     assert s["ptd"]["paired"][50] == pytest.approx((0.15, np.std(diffs, ddof=1) / np.sqrt(2), 2))

@@ -162,17 +162,25 @@ def summarise(rows: list[dict]) -> dict:
     if "vanilla" in summary:
         final = summary["vanilla"]["aligned_iou"][0]
         best = max(summary["vanilla"]["aligned_curve"].values())
-        base = {(r.get("prompt"), r["seed"], r["iteration"]): r["aligned_iou"] for r in by_arm["vanilla"]}
         for arm, s in summary.items():
             s["reaches_vanilla_final_at"] = next((it for it, v in s["aligned_curve"].items() if v >= final), None)
             s["reaches_vanilla_best_at"] = next((it for it, v in s["aligned_curve"].items() if v >= best), None)
-            diffs = defaultdict(list)
-            for r in by_arm[arm]:
-                key = (r.get("prompt"), r["seed"], r["iteration"])
-                if arm != "vanilla" and key in base:
-                    diffs[r["iteration"]].append(r["aligned_iou"] - base[key])
-            s["paired"] = {it: _mean_sem(v) for it, v in sorted(diffs.items())}
+            if arm != "vanilla":
+                s["paired"] = _paired(by_arm[arm], by_arm["vanilla"], "aligned_iou")
+                s["paired_loss"] = _paired(by_arm[arm], by_arm["vanilla"], "matching_loss")
     return summary
+
+
+def _paired(rows: list[dict], base_rows: list[dict], key: str) -> dict[int, tuple[float, float, int]]:
+    """iteration -> (mean, standard error, pairs) of rows[key] minus the base row's of the same (prompt, seed,
+    iteration); rows without a partner or a value are left out."""
+    base = {(r.get("prompt"), r["seed"], r["iteration"]): r[key] for r in base_rows if r[key] is not None}
+    diffs = defaultdict(list)
+    for r in rows:
+        partner = base.get((r.get("prompt"), r["seed"], r["iteration"]))
+        if partner is not None and r[key] is not None:
+            diffs[r["iteration"]].append(r[key] - partner)
+    return {it: _mean_sem(v) for it, v in sorted(diffs.items())}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -205,13 +213,16 @@ def markdown(summary: dict, unfinished: int) -> str:
         for arm, s in summary.items():
             lines.append(f"| {arm} | " + " | ".join(format(s[key][it], fmt) if it in s[key] else "-"
                                                       for it in iters) + " |")
-    paired = {arm: s["paired"] for arm, s in summary.items() if s.get("paired")}
-    if paired:
-        lines += ["", "Aligned IoU minus vanilla's on the same prompt and seed (mean +- standard error, pairs):", "",
-                  "| arm | " + " | ".join(map(str, iters)) + " |", "|---|" + "---|" * len(iters)]
+    for key, title in (("paired", "Aligned IoU"), ("paired_loss", "Matching loss")):
+        paired = {arm: s[key] for arm, s in summary.items() if s.get(key)}
+        if not paired:
+            continue
+        its = sorted({it for p in paired.values() for it in p})
+        lines += ["", f"{title} minus vanilla's on the same prompt and seed (mean +- standard error, pairs):", "",
+                  "| arm | " + " | ".join(map(str, its)) + " |", "|---|" + "---|" * len(its)]
         for arm, p in paired.items():
             lines.append(f"| {arm} | " + " | ".join(f"{p[it][0]:+.3f} +- {p[it][1]:.3f} ({p[it][2]})"
-                                                      if it in p else "-" for it in iters) + " |")
+                                                      if it in p else "-" for it in its) + " |")
     if any(s["loss_curve"] for s in summary.values()):
         its = sorted({it for s in summary.values() for it in s["loss_curve"]})
         lines += ["", "Mean matching loss along training (metrics.jsonl):", "",
