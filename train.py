@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +24,6 @@ from tqdm import tqdm
 from arguments import Config, RunError, load_config, parse_cli, run_dir, save_config
 from evaluation.monitor import TrainingMonitor
 from gaussian_renderer import disparity, render
-from guidance import lora_merge
-from guidance.lora_training import read_lora_state_dict
 from guidance.ptd_utils import PathTracer
 from guidance.sd_utils import StableDiffusionGuidance
 from scene import GaussianModel, OrbitCameraSampler, circle_cameras
@@ -35,9 +32,9 @@ from scene.nerf_io import MODEL_FILES, save_model
 from scene.nerf_model import NeRFModel
 from stages.mesh import export_run_mesh
 from stages.reference_view import ReferenceView, load_reference_view, reference_step
-from stages.run import (DONE_MARKER, PATH_ADAPTER, background, check_path_metadata, configure_torch, describe_run,
-                        final_ply_path, initial_model, load_path_lora, lock_workspace, make_guidance, make_sampler,
-                        mark_finished, path_lora_dir, run_entry, scene_extent, speed_switches, validate)
+from stages.run import (DONE_MARKER, background, check_path_metadata, configure_torch, describe_run, final_ply_path,
+                        initial_model, lock_workspace, make_guidance, make_sampler, make_tracer, mark_finished,
+                        run_entry, scene_extent, speed_switches, validate)
 from utils.device import resolve_device
 from utils.files import WriteError, atomic_path, remove_temporaries
 from utils.image_io import image_grid, save_png, to_uint8, write_video
@@ -70,41 +67,6 @@ class TrainState:
     nonfinite_streak: int = 0  # iterations in a row skipped by the NaN guard
     monitor: TrainingMonitor = field(default_factory=TrainingMonitor)
     reference: ReferenceView | None = None  # image-to-3D's fixed view and picture (GenerateCamParams.ref_image)
-
-
-def make_tracer(cfg: Config, guidance) -> PathTracer | None:
-    """Load the path LoRA of stage 1 into the prior and return the PathTracer (None when PTD is off)."""
-    p = cfg.PTDParams
-    if p.mode == "off":
-        return None
-    load_path_lora(cfg, guidance)
-    checkpoints = []
-    if p.mode == "checkpoints":
-        checkpoints = [read_lora_state_dict(s) for s in path_checkpoints(cfg)]
-    fold = speed_switches(cfg, guidance.device)[1]  # PTDParams.fold_lora: auto = on for CUDA
-    return lora_merge.make_tracer(p.mode, guidance.unet, fold=fold, total_steps=p.total_steps,
-                                  power=p.power, adapter_name=PATH_ADAPTER, checkpoints=checkpoints,
-                                  switch_interval=p.switch_interval)
-
-
-def path_checkpoints(cfg: Config) -> list[Path]:
-    """The stage-1 checkpoint folders Eq. 7 traces, in the order stage 1 saved them: s^(1) .. s^(n-1) (the paper's
-    path starts at the penultimate s^(n-1); s^(n) is the final path LoRA) or, with checkpoints_from=last, .. s^(n).
-    Warns when the path is longer than total_steps (its first checkpoints would never be used)."""
-    p, folder = cfg.PTDParams, path_lora_dir(cfg)
-    steps = sorted((folder / "checkpoints").glob("step_*"))
-    if p.checkpoints_from == "penultimate":
-        steps = steps[:-1]
-    if not steps:
-        raise RunError(f"PTDParams.mode=checkpoints needs at least {2 if p.checkpoints_from == 'penultimate' else 1} "
-                       f"checkpoints in {folder}/checkpoints (checkpoints_from={p.checkpoints_from}); lower "
-                       f"PTDParams.checkpoint_interval and rerun form_path.py")
-    if len(steps) * p.switch_interval > p.total_steps:
-        used = -(-p.total_steps // p.switch_interval)
-        warnings.warn(f"PTDParams: {len(steps)} checkpoints x switch_interval {p.switch_interval} > total_steps "
-                      f"{p.total_steps}: s^(1) .. s^({len(steps) - used}) of the path are never traced; raise "
-                      f"total_steps or lower switch_interval", stacklevel=2)
-    return steps
 
 
 def render_batch(cfg: Config, views, gaussians, bg: torch.Tensor, gen: torch.Generator) -> dict:

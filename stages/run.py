@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -17,8 +18,10 @@ import torch
 from arguments import Config, RunError, load_config, run_dir
 from arguments.checks import check_config, switch_on
 from gaussian_renderer import BackendUnavailableError, resolve_backend
+from guidance import lora_merge
 from guidance.lora_merge import folded_adapter
-from guidance.lora_training import load_lora, read_lora_metadata
+from guidance.lora_training import load_lora, read_lora_metadata, read_lora_state_dict
+from guidance.ptd_utils import PathTracer
 from guidance.sd_utils import StableDiffusionGuidance, resolve_model_key
 from scene import GaussianModel, OrbitCameraSampler, initial_point_cloud
 from scene.nerf_io import MODEL_FILES
@@ -293,3 +296,38 @@ def run_entry(fn, *args, **kwargs) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def make_tracer(cfg: Config, guidance) -> PathTracer | None:
+    """Load the path LoRA of stage 1 into the prior and return the PathTracer (None when PTD is off)."""
+    p = cfg.PTDParams
+    if p.mode == "off":
+        return None
+    load_path_lora(cfg, guidance)
+    checkpoints = []
+    if p.mode == "checkpoints":
+        checkpoints = [read_lora_state_dict(s) for s in path_checkpoints(cfg)]
+    fold = speed_switches(cfg, guidance.device)[1]  # PTDParams.fold_lora: auto = on for CUDA
+    return lora_merge.make_tracer(p.mode, guidance.unet, fold=fold, total_steps=p.total_steps,
+                                  power=p.power, adapter_name=PATH_ADAPTER, checkpoints=checkpoints,
+                                  switch_interval=p.switch_interval)
+
+
+def path_checkpoints(cfg: Config) -> list[Path]:
+    """The stage-1 checkpoint folders Eq. 7 traces, in the order stage 1 saved them: s^(1) .. s^(n-1) (the paper's
+    path starts at the penultimate s^(n-1); s^(n) is the final path LoRA) or, with checkpoints_from=last, .. s^(n).
+    Warns when the path is longer than total_steps (its first checkpoints would never be used)."""
+    p, folder = cfg.PTDParams, path_lora_dir(cfg)
+    steps = sorted((folder / "checkpoints").glob("step_*"))
+    if p.checkpoints_from == "penultimate":
+        steps = steps[:-1]
+    if not steps:
+        raise RunError(f"PTDParams.mode=checkpoints needs at least {2 if p.checkpoints_from == 'penultimate' else 1} "
+                       f"checkpoints in {folder}/checkpoints (checkpoints_from={p.checkpoints_from}); lower "
+                       f"PTDParams.checkpoint_interval and rerun form_path.py")
+    if len(steps) * p.switch_interval > p.total_steps:
+        used = -(-p.total_steps // p.switch_interval)
+        warnings.warn(f"PTDParams: {len(steps)} checkpoints x switch_interval {p.switch_interval} > total_steps "
+                      f"{p.total_steps}: s^(1) .. s^({len(steps) - used}) of the path are never traced; raise "
+                      f"total_steps or lower switch_interval", stacklevel=2)
+    return steps

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 # the monitor at toy scale: tiny CLIP at 32 px, 4 references of 2 DDIM steps, 2 views, 3 timesteps
 TINY_METRICS = ["EvalParams.clip_model=tiny", "EvalParams.clip_resolution=32", "EvalParams.probe_num_refs=4",
                 "EvalParams.probe_ddim_steps=2", "EvalParams.probe_num_views=2",
-                "EvalParams.probe_timesteps=[100,500,900]", "save_video=false"]
+                "EvalParams.probe_timesteps=[100,500,900]", "save_video=false",
+                "OptimizationParams.save_iterations=[3,6]"]  # models saved at records: toyworld.study re-measures them
 RECORDED = [1, 3, 6, 8]  # metrics_interval 3 over 8 iterations: the first, every 3rd and the last
 
 
@@ -222,3 +223,23 @@ def test_evaluate_matching_loss_of_the_final_ply_equals_the_last_record(runs, ar
     assert row["matching_loss"]["mean"] == pytest.approx(last["matching_loss"], rel=1e-6)
     assert row["matching_loss"]["by_t"] == pytest.approx(last["matching_loss_by_t"], rel=1e-6)
     assert row["scores"] == {} and "matching loss" in (tmp_path / "clip_scores.md").read_text()
+
+
+def test_saved_models_remeasured_afterwards_reproduce_the_records(runs, current_run):
+    """toyworld.study.app_h_losses rebuilds each saved iteration's network (path LoRA at w(iter)) and references: with
+    the prior's references it must give the PTD monitor's records exactly, and with the current network's those of
+    the run that recorded with EvalParams.probe_refs=current (and its reading); vanilla's two readings coincide."""
+    from toyworld.study import app_h_losses
+
+    for folder, records, refs in ((runs["root"] / "ptd", runs["ptd"]["records"], "prior"),
+                                  (current_run["folder"], current_run["records"], "current")):
+        again = app_h_losses(folder)
+        assert sorted(again) == [3, 6, 8]
+        for rec in records:
+            if rec["iteration"] in again:
+                assert again[rec["iteration"]][refs] == rec["matching_loss"], (folder.name, rec["iteration"])
+                assert again[rec["iteration"]]["ptd_weight"] == pytest.approx(ptd_weight(rec["iteration"], 6, 0.3))
+        assert again[3]["prior"] != again[3]["current"]  # w(3) > 0: another reference set
+        assert again[8]["prior"] == again[8]["current"]  # w = 0 after total_steps: the prior's
+    vanilla = app_h_losses(runs["root"] / "vanilla")
+    assert all(v["prior"] == v["current"] and v["ptd_weight"] is None for v in vanilla.values())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from stages.run import path_checkpoints
 from arguments import load_config
 from gaussian_renderer import disparity, render
 from gaussian_renderer.dense_reference import render_dense
@@ -162,14 +163,14 @@ def test_checkpoint_path_starts_at_the_penultimate(tmp_path):
     for step in (2, 4, 6):
         (lora / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
     over = [f"PTDParams.path_lora={lora}", "PTDParams.total_steps=40", "PTDParams.switch_interval=10"]
-    paper = train.path_checkpoints(load_config(SMOKE, over))
+    paper = path_checkpoints(load_config(SMOKE, over))
     assert [p.name for p in paper] == ["step_000002", "step_000004"]  # s^(1), s^(2): s^(n) = s^(3) is left out
-    last = train.path_checkpoints(load_config(SMOKE, [*over, "PTDParams.checkpoints_from=last"]))
+    last = path_checkpoints(load_config(SMOKE, [*over, "PTDParams.checkpoints_from=last"]))
     assert [p.name for p in last] == ["step_000002", "step_000004", "step_000006"]
     with pytest.warns(UserWarning, match=r"s\^\(1\) .. s\^\(1\) of the path are never traced"):
-        train.path_checkpoints(load_config(SMOKE, [*over, "PTDParams.checkpoints_from=last",
+        path_checkpoints(load_config(SMOKE, [*over, "PTDParams.checkpoints_from=last",
                                                    "PTDParams.switch_interval=20"]))  # 3 x 20 > 40
     for step in (4, 6):
         (lora / "checkpoints" / f"step_{step:06d}").rmdir()
     with pytest.raises(ValueError, match="needs at least 2 checkpoints"):
-        train.path_checkpoints(load_config(SMOKE, over))
+        path_checkpoints(load_config(SMOKE, over))

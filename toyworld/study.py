@@ -9,6 +9,10 @@ and iteration), <out>/toy_study.md (per arm at the last iteration: mean +- std o
 arm's mean IoU first reaches vanilla's final mean; the matching loss along training from metrics.jsonl) and
 <out>/toy_study.png (IoU and matching loss along training, per arm). Runs still going are skipped and counted.
 
+With `--app-h`, also the matching loss of every saved model under the network of its iteration with references
+sampled from that network (App. H's protocol; the monitor's default records use the prior's references), re-measured
+from the saved PLYs (`app_h_losses`: with the prior's references it reproduces metrics.jsonl exactly).
+
 With `--probe`, first the paper's §3 measurement for every prompt of `--prompts`: probe_ood.py (the prior, the
 `--opt` config's EvalParams) on renders of the initial model vs held-out prior samples, into
 <out>/probe/<prompt slug>/ (a prompt already measured is skipped: rerun to resume); then <out>/toy_probe.md, the
@@ -103,7 +107,55 @@ def matching_losses(run: Path) -> dict[int, float]:
     return out
 
 
-def collect(out: Path) -> tuple[list[dict], int]:
+APP_H_CACHE = "toy_app_h.json"
+APP_H_VERSION = 1
+
+
+def app_h_losses(run: Path, device: torch.device | None = None) -> dict[int, dict]:
+    """The matching loss of each saved model of a run under the network of its iteration (the path tracer set to that
+    iteration: prior + w(iter) LoRA, or the checkpoint of Eq. 7; the prior in vanilla), on the monitor's views,
+    noise and reading, with two reference sets: "prior" (the prior's samples: what the monitor records with the
+    default EvalParams.probe_refs, so this must reproduce metrics.jsonl) and "current" (samples of that network:
+    App. H's "x_0^ref ... sampled from the guidance model"). Cached in <run>/toy_app_h.json per PLY; the current
+    networks' samples in <run>/probe/ (one DDIM sampling per distinct network)."""
+    from arguments import load_config
+    from evaluation.ood import matching_loss_summary, probe_views, reference_latents
+    from stages.run import background, make_guidance, make_tracer
+
+    device = device or torch.device("cpu")
+    cache_path = run / APP_H_CACHE
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    plys, out, state = run_plys(run), {}, {}
+    for it, ply in plys.items():
+        stamp = f"v{APP_H_VERSION}|{_stamp(ply)}"
+        entry = cache.get(str(it))
+        if not entry or entry.get("stamp") != stamp:
+            if not state:  # the run's config, wherever its folder is now
+                cfg = load_config(str(run / "config.yaml"), [f"ModelParams.output_root={run.parent}",
+                                                             f"ModelParams.workspace={run.name}"])
+                guidance = make_guidance(cfg, device)
+                state.update(cfg=cfg, guidance=guidance, tracer=make_tracer(cfg, guidance), memo={},
+                             views=probe_views(cfg, device), bg=background(cfg, device))
+            cfg, guidance = state["cfg"], state["guidance"]
+            weight = state["tracer"].apply(guidance.unet, it) if state["tracer"] is not None else None
+            model = GaussianModel(sh_degree=cfg.ModelParams.sh_degree)
+            model.load_ply(str(ply))
+            entry = {"stamp": stamp, "ptd_weight": weight}
+            for refs in ("prior", "current"):
+                cfg.EvalParams.probe_refs = refs
+                ref_x0 = reference_latents(cfg, guidance, run / "probe", state["memo"])
+                with torch.no_grad():
+                    entry[refs] = matching_loss_summary(cfg, guidance, model, ref_x0, state["views"],
+                                                        state["bg"])["overall"]["mean"]
+            cache[str(it)] = entry
+            write_text_atomic(cache_path, json.dumps(cache, indent=1))
+        out[it] = entry
+    return out
+
+
+def collect(out: Path, app_h: bool = False) -> tuple[list[dict], int]:
+    """One row per finished run and saved iteration; with `app_h` also the matching loss of `app_h_losses`
+    ("matching_loss_current"; "matching_loss_posthoc": its prior-reference value, which should equal the monitor's)."""
     rows, unfinished = [], 0
     for run in sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []:
         m = RUN_NAME.match(run.name)
@@ -113,12 +165,15 @@ def collect(out: Path) -> tuple[list[dict], int]:
             unfinished += 1
             continue
         losses = matching_losses(run)
+        app = app_h_losses(run) if app_h else {}
         for it, s in score_run(run).items():
             rows.append({"run": run.name, "prompt": s["prompt"], "arm": m["arm"], "seed": int(m["seed"]),
                          "iteration": it, "iou": s["iou"], "aligned_iou": s["aligned_iou"],
                          "colour_error": s["colour_error"], "toy_clip": s["toy_clip"],
                          "shape_ok": s["shape_ok"], "colour_ok": s["colour_ok"], "best_shape": s["best_shape"],
-                         "nearest_colour": s["nearest_colour"], "matching_loss": losses.get(it)})
+                         "nearest_colour": s["nearest_colour"], "matching_loss": losses.get(it),
+                         "matching_loss_current": app.get(it, {}).get("current"),
+                         "matching_loss_posthoc": app.get(it, {}).get("prior")})
     return rows, unfinished
 
 
@@ -139,6 +194,7 @@ def summarise(rows: list[dict]) -> dict:
         last = [r for r in rs if r["iteration"] == last_it]
         curve, aligned = defaultdict(list), defaultdict(list)
         loss_curve, colour_curve, clip_curve = defaultdict(list), defaultdict(list), defaultdict(list)
+        current_curve = defaultdict(list)
         for r in rs:
             curve[r["iteration"]].append(r["iou"])
             aligned[r["iteration"]].append(r["aligned_iou"])
@@ -146,6 +202,8 @@ def summarise(rows: list[dict]) -> dict:
             clip_curve[r["iteration"]].append(r["toy_clip"])
             if r["matching_loss"] is not None:
                 loss_curve[r["iteration"]].append(r["matching_loss"])
+            if r.get("matching_loss_current") is not None:
+                current_curve[r["iteration"]].append(r["matching_loss_current"])
         summary[arm] = {
             "runs": len(last), "iteration": last_it,
             "iou": _mean_std([r["iou"] for r in last]),
@@ -158,7 +216,8 @@ def summarise(rows: list[dict]) -> dict:
             "aligned_curve": {it: float(np.mean(v)) for it, v in sorted(aligned.items())},
             "loss_curve": {it: float(np.mean(v)) for it, v in sorted(loss_curve.items())},
             "colour_curve": {it: float(np.mean(v)) for it, v in sorted(colour_curve.items())},
-            "clip_curve": {it: float(np.mean(v)) for it, v in sorted(clip_curve.items())}}
+            "clip_curve": {it: float(np.mean(v)) for it, v in sorted(clip_curve.items())},
+            "current_loss_curve": {it: float(np.mean(v)) for it, v in sorted(current_curve.items())}}
     if "vanilla" in summary:
         final = summary["vanilla"]["aligned_iou"][0]
         best = max(summary["vanilla"]["aligned_curve"].values())
@@ -168,17 +227,22 @@ def summarise(rows: list[dict]) -> dict:
             if arm != "vanilla":
                 s["paired"] = _paired(by_arm[arm], by_arm["vanilla"], "aligned_iou")
                 s["paired_loss"] = _paired(by_arm[arm], by_arm["vanilla"], "matching_loss")
+                s["paired_loss_current"] = _paired(by_arm[arm], by_arm["vanilla"], "matching_loss_current")
+    posthoc = [abs(r["matching_loss_posthoc"] - r["matching_loss"]) for r in rows
+               if r.get("matching_loss_posthoc") is not None and r["matching_loss"] is not None]
+    if posthoc:
+        summary["vanilla" if "vanilla" in summary else next(iter(summary))]["posthoc_max_diff"] = max(posthoc)
     return summary
 
 
 def _paired(rows: list[dict], base_rows: list[dict], key: str) -> dict[int, tuple[float, float, int]]:
     """iteration -> (mean, standard error, pairs) of rows[key] minus the base row's of the same (prompt, seed,
     iteration); rows without a partner or a value are left out."""
-    base = {(r.get("prompt"), r["seed"], r["iteration"]): r[key] for r in base_rows if r[key] is not None}
+    base = {(r.get("prompt"), r["seed"], r["iteration"]): r[key] for r in base_rows if r.get(key) is not None}
     diffs = defaultdict(list)
     for r in rows:
         partner = base.get((r.get("prompt"), r["seed"], r["iteration"]))
-        if partner is not None and r[key] is not None:
+        if partner is not None and r.get(key) is not None:
             diffs[r["iteration"]].append(r[key] - partner)
     return {it: _mean_sem(v) for it, v in sorted(diffs.items())}
 
@@ -213,7 +277,8 @@ def markdown(summary: dict, unfinished: int) -> str:
         for arm, s in summary.items():
             lines.append(f"| {arm} | " + " | ".join(format(s[key][it], fmt) if it in s[key] else "-"
                                                       for it in iters) + " |")
-    for key, title in (("paired", "Aligned IoU"), ("paired_loss", "Matching loss")):
+    for key, title in (("paired", "Aligned IoU"), ("paired_loss", "Matching loss (monitor: prior's references)"),
+                       ("paired_loss_current", "Matching loss (App. H: references of each iteration's network)")):
         paired = {arm: s[key] for arm, s in summary.items() if s.get(key)}
         if not paired:
             continue
@@ -230,6 +295,18 @@ def markdown(summary: dict, unfinished: int) -> str:
         for arm, s in summary.items():
             lines.append(f"| {arm} | " + " | ".join(f"{s['loss_curve'][it]:.4f}" if it in s["loss_curve"] else "-"
                                                       for it in its) + " |")
+    if any(s["current_loss_curve"] for s in summary.values()):
+        its = sorted({it for s in summary.values() for it in s["current_loss_curve"]})
+        lines += ["", "Mean matching loss along training, App. H's protocol (references sampled from each iteration's "
+                  "network; toyworld.study --app-h):", "",
+                  "| arm | " + " | ".join(map(str, its)) + " |", "|---|" + "---|" * len(its)]
+        for arm, s in summary.items():
+            c = s["current_loss_curve"]
+            lines.append(f"| {arm} | " + " | ".join(f"{c[it]:.4f}" if it in c else "-" for it in its) + " |")
+    diff = [s["posthoc_max_diff"] for s in summary.values() if "posthoc_max_diff" in s]
+    if diff:
+        lines += ["", f"Check: the saved models re-measured afterwards with the prior's references reproduce the "
+                  f"monitor's records to {diff[0]:.1e} at most."]
     if unfinished:
         lines += ["", f"{unfinished} run(s) not finished yet (skipped)."]
     return "\n".join(lines) + "\n"
@@ -315,6 +392,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="a batch.py output folder of toy-world prompts")
     p.add_argument("--probe", action="store_true", help="also the §3 probe over --prompts (see above)")
+    p.add_argument("--app-h", action="store_true",
+                   help="also the matching loss of every saved model with references sampled from the network of its "
+                        "iteration (App. H's protocol; one DDIM sampling per distinct network, cached per run)")
     p.add_argument("--prompts", default=str(Path(__file__).parent / "study_prompts.txt"))
     p.add_argument("--opt", default=str(PROJECT_ROOT / "configs" / "toy_study.yaml"),
                    help="the config the probe runs with")
@@ -335,7 +415,7 @@ def main(argv=None) -> int:
         print(f"error: {out} holds no runs/ folder; run batch.py --out {out} first", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    rows, unfinished = collect(out)
+    rows, unfinished = collect(out, app_h=args.app_h)
     if not rows:
         print(f"error: no finished run in {out}/runs yet ({unfinished} unfinished)", file=sys.stderr)
         return 2
