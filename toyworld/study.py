@@ -321,10 +321,15 @@ def plot(summary: dict, path: Path) -> None:
     for arm, s in summary.items():
         line, = axes[0].plot(list(s["aligned_curve"]), list(s["aligned_curve"].values()), marker="o", label=arm)
         axes[0].plot(list(s["iou_curve"]), list(s["iou_curve"].values()), ls="--", color=line.get_color())
+        current = s.get("current_loss_curve")
+        if current:
+            axes[1].plot(list(current), list(current.values()), marker=".", color=line.get_color(), label=arm)
         if s["loss_curve"]:
-            axes[1].plot(list(s["loss_curve"]), list(s["loss_curve"].values()), marker=".", label=arm)
+            axes[1].plot(list(s["loss_curve"]), list(s["loss_curve"].values()), ls="--" if current else "-",
+                         marker=None if current else ".", color=line.get_color(), label=None if current else arm)
     axes[0].set(title="silhouette IoU vs ground truth (dashed: raw)", xlabel="iteration")
-    axes[1].set(title="matching loss", xlabel="iteration")
+    axes[1].set(title="matching loss (App. H refs; dashed: prior's refs)" if any(
+        s.get("current_loss_curve") for s in summary.values()) else "matching loss", xlabel="iteration")
     for ax in axes:
         ax.legend()
     fig.tight_layout()
