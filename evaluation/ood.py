@@ -28,7 +28,7 @@ from gaussian_renderer import render_views
 from guidance.lora_merge import lora_scalings
 from guidance.stf import aggregate_by_timestep, matching_loss
 from stages.run import make_sampler
-from utils.files import atomic_path, file_hash, stable_hash
+from utils.files import atomic_path, stable_hash
 
 # camera stream of the probe's renders (stage 2 draws with seed offset 0, stage 1 with 1): held-out views
 PROBE_CAMERA_OFFSET = 2
@@ -86,10 +86,8 @@ def prior_sample_key(guidance, n: int, seed: int, height: int, width: int, steps
            "format": "ptd-prior-samples-v1"}
     if gp.LoRA_path:  # (added only when set: the key, and the cache file, of a plain prior stay what they were)
         key["LoRA_path"] = gp.LoRA_path
-    for name, path in (("prior_lora", gp.prior_lora), ("LoRA_path", gp.LoRA_path)):  # fused at load: their bytes
-        if path:
-            files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
-            key[f"{name}_files"] = {f.name: file_hash(f) for f in files if f.is_file()}
+    for name, files in (getattr(guidance, "fused_lora_files", None) or {}).items():  # hashed when fused at load
+        key[f"{name}_files"] = files
     if network is not None:
         key["network"] = network
     return key

@@ -92,15 +92,15 @@ def _deltas_into(fold: _Fold, out: list[torch.Tensor] | None = None) -> list[tor
     for i, (layer, weight) in enumerate(zip(fold.layers, fold.weights)):
         a, b = layer.lora_A[fold.adapter].weight, layer.lora_B[fold.adapter].weight  # [r, in], [out, r]
         acc = torch.promote_types(weight.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
-        unit = _unit_scaling(layer, fold.adapter)
+        unit = _scaling_at(layer, fold.adapter)
         delta = torch.mm(b.detach().to(acc), a.detach().to(acc)).mul_(unit).to(weight.dtype)
         deltas.append(out[i].copy_(delta) if out is not None else delta)
     return deltas
 
 
-def _unit_scaling(layer: torch.nn.Module, adapter: str, weight: float = 1.0) -> float:
-    """peft's scaling of `adapter` at w = `weight` (w lora_alpha / r, or / sqrt(r) with rsLoRA), read through
-    set_scale."""
+def _scaling_at(layer: torch.nn.Module, adapter: str, weight: float = 1.0) -> float:
+    """peft's scaling of `adapter` at w = `weight` (w lora_alpha / r, or / sqrt(r) with rsLoRA; the unit scaling at
+    1), read through set_scale, the layer left as it was."""
     now = layer.scaling[adapter]
     layer.set_scale(adapter, weight)
     unit = layer.scaling[adapter]
@@ -121,7 +121,7 @@ def lora_scalings(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, fl
             continue
         for adapter, scaling in sorted(layer.scaling.items()):
             if fold is not None and adapter == fold.adapter and layer is not module:
-                scaling = _unit_scaling(layer, adapter, fold.weight)
+                scaling = _scaling_at(layer, adapter, fold.weight)
             out.append((layer, adapter, float(scaling)))
     return out
 
@@ -148,7 +148,7 @@ def _sites(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[tuple[
 
 def _current_weight(pairs: list[tuple[torch.nn.Module, str]]) -> float:
     """The one w the layers carry (0 where the adapter is parked or inactive)."""
-    weights = {0.0 if a not in layer.active_adapters else layer.scaling[a] / _unit_scaling(layer, a)
+    weights = {0.0 if a not in layer.active_adapters else layer.scaling[a] / _scaling_at(layer, a)
                for layer, a in pairs}
     if len(weights) != 1:
         raise ValueError(f"fold_lora: the layers carry different weights {sorted(weights)}; set one with "

@@ -81,6 +81,19 @@ def resolve_model_key(key: str, cache_dir: str | os.PathLike | None = None) -> s
                      f"GuidanceParams.model_key to a local diffusers folder")
 
 
+def fused_lora_files(prior_lora: str | None, lora_path: str | None) -> dict:
+    """{option: {file name: content hash}} of the LoRAs `load_prior` fuses (a folder's *.safetensors, or the file);
+    empty when none: read at load, so a LoRA retrained in place later is told apart from the one in the weights."""
+    from utils.files import file_hash
+
+    out = {}
+    for name, path in (("prior_lora", prior_lora), ("LoRA_path", lora_path)):
+        if path:
+            files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+            out[name] = {f.name: file_hash(f) for f in files if f.is_file()}
+    return out
+
+
 def load_prior(path: str, device: torch.device, dtype: torch.dtype, prior_lora: str | None = None,
                lora_path: str | None = None):
     """StableDiffusionPipeline from a local folder, on `device` in `dtype`, frozen and in eval mode.
@@ -156,6 +169,7 @@ class StableDiffusionGuidance:
         self.dtype = dtype
         self.model_path = resolve_model_key(gp.model_key, cache_dir)
         self.pipe = load_prior(self.model_path, self.device, dtype, gp.prior_lora, gp.LoRA_path)
+        self.fused_lora_files = fused_lora_files(gp.prior_lora, gp.LoRA_path)  # what the weights now hold
         self.unet, self.vae = self.pipe.unet, self.pipe.vae
         self.compiled_unet = compile_unet(self.unet) if compiled else None
         self.graph_shapes: set[tuple[int, ...]] = set()  # x_t shapes warm_up compiled

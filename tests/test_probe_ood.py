@@ -284,23 +284,28 @@ def test_sample_cache_key_follows_the_fused_loras(tmp_path):
     from types import SimpleNamespace
 
     from arguments.params import GuidanceParams
+    from guidance.sd_utils import fused_lora_files
+
+    def key(gp):  # the guidance as load time leaves it: the fused files hashed then
+        guidance = SimpleNamespace(gp=gp, model_path="toy", dtype=torch.float32,
+                                   fused_lora_files=fused_lora_files(gp.prior_lora, gp.LoRA_path))
+        return ood.prior_sample_key(guidance, 4, 0, 64, 64, 10)
 
     gp = GuidanceParams()
     gp.text = "a red cube"
-    guidance = SimpleNamespace(gp=gp, model_path="toy", dtype=torch.float32)
-    plain = ood.prior_sample_key(guidance, 4, 0, 64, 64, 10)
+    plain = key(gp)
     assert not any("LoRA" in k or k.endswith("_files") for k in plain)
     lora = tmp_path / "lora_diffusion.safetensors"
     lora.write_bytes(b"first")
     gp.LoRA_path = str(lora)
-    first = ood.prior_sample_key(guidance, 4, 0, 64, 64, 10)
+    first = key(gp)
     lora.write_bytes(b"retrained")
-    second = ood.prior_sample_key(guidance, 4, 0, 64, 64, 10)
+    second = key(gp)
     assert len({stable_hash(plain), stable_hash(first), stable_hash(second)}) == 3
     folder = tmp_path / "prior_lora"
     folder.mkdir()
     (folder / "pytorch_lora_weights.safetensors").write_bytes(b"a")
     gp.LoRA_path, gp.prior_lora = None, str(folder)
-    a = ood.prior_sample_key(guidance, 4, 0, 64, 64, 10)
+    a = key(gp)
     (folder / "pytorch_lora_weights.safetensors").write_bytes(b"b")
-    assert stable_hash(a) != stable_hash(ood.prior_sample_key(guidance, 4, 0, 64, 64, 10))
+    assert stable_hash(a) != stable_hash(key(gp))
