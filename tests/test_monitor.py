@@ -2,6 +2,7 @@
 untouched (same final PLY bytes with metrics on and off, PTD and vanilla, references of the prior or of the current
 network, the scored x_0 in or out of the reference set), exact resume, and the A/B report."""
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -241,5 +242,10 @@ def test_saved_models_remeasured_afterwards_reproduce_the_records(runs, current_
                 assert again[rec["iteration"]]["ptd_weight"] == pytest.approx(ptd_weight(rec["iteration"], 6, 0.3))
         assert again[3]["prior"] != again[3]["current"]  # w(3) > 0: another reference set
         assert again[8]["prior"] == again[8]["current"]  # w = 0 after total_steps: the prior's
+    assert app_h_losses(runs["root"] / "vanilla", cached_only=True) == {}  # never measured: nothing computed
     vanilla = app_h_losses(runs["root"] / "vanilla")
     assert all(v["prior"] == v["current"] and v["ptd_weight"] is None for v in vanilla.values())
+    assert app_h_losses(runs["root"] / "vanilla", cached_only=True) == vanilla
+    ply = runs["root"] / "vanilla" / "point_cloud" / "iteration_3" / "point_cloud.ply"
+    os.utime(ply, ns=(ply.stat().st_atime_ns, ply.stat().st_mtime_ns + 10**9))  # a model saved again since
+    assert sorted(app_h_losses(runs["root"] / "vanilla", cached_only=True)) == sorted(set(vanilla) - {3})

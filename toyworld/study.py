@@ -11,7 +11,8 @@ arm's mean IoU first reaches vanilla's final mean; the matching loss along train
 
 With `--app-h`, also the matching loss of every saved model under the network of its iteration with references
 sampled from that network (App. H's protocol; the monitor's default records use the prior's references), re-measured
-from the saved PLYs (`app_h_losses`: with the prior's references it reproduces metrics.jsonl exactly).
+from the saved PLYs (`app_h_losses`: with the prior's references it reproduces metrics.jsonl exactly). Without it,
+the values a previous `--app-h` pass cached are still reported (the paired table says over how many pairs).
 
 With `--probe`, first the paper's §3 measurement for every prompt of `--prompts`: probe_ood.py (the prior, the
 `--opt` config's EvalParams) on renders of the initial model vs held-out prior samples, into
@@ -111,13 +112,14 @@ APP_H_CACHE = "toy_app_h.json"
 APP_H_VERSION = 1
 
 
-def app_h_losses(run: Path, device: torch.device | None = None) -> dict[int, dict]:
+def app_h_losses(run: Path, device: torch.device | None = None, cached_only: bool = False) -> dict[int, dict]:
     """The matching loss of each saved model of a run under the network of its iteration (the path tracer set to that
     iteration: prior + w(iter) LoRA, or the checkpoint of Eq. 7; the prior in vanilla), on the monitor's views,
     noise and reading, with two reference sets: "prior" (the prior's samples: what the monitor records with the
     default EvalParams.probe_refs, so this must reproduce metrics.jsonl) and "current" (samples of that network:
     App. H's "x_0^ref ... sampled from the guidance model"). Cached in <run>/toy_app_h.json per PLY; the current
-    networks' samples in <run>/probe/ (one DDIM sampling per distinct network)."""
+    networks' samples in <run>/probe/ (one DDIM sampling per distinct network). With `cached_only`, only the saved
+    models already measured (and unchanged since) are returned, and nothing is computed."""
     from arguments import load_config
     from evaluation.ood import matching_loss_summary, probe_views, reference_latents
     from stages.run import background, make_guidance, make_tracer
@@ -130,6 +132,8 @@ def app_h_losses(run: Path, device: torch.device | None = None) -> dict[int, dic
         stamp = f"v{APP_H_VERSION}|{_stamp(ply)}"
         entry = cache.get(str(it))
         if not entry or entry.get("stamp") != stamp:
+            if cached_only:
+                continue
             if not state:  # the run's config, wherever its folder is now
                 cfg = load_config(str(run / "config.yaml"), [f"ModelParams.output_root={run.parent}",
                                                              f"ModelParams.workspace={run.name}"])
@@ -154,8 +158,9 @@ def app_h_losses(run: Path, device: torch.device | None = None) -> dict[int, dic
 
 
 def collect(out: Path, app_h: bool = False) -> tuple[list[dict], int]:
-    """One row per finished run and saved iteration; with `app_h` also the matching loss of `app_h_losses`
-    ("matching_loss_current"; "matching_loss_posthoc": its prior-reference value, which should equal the monitor's)."""
+    """One row per finished run and saved iteration, with the matching loss of `app_h_losses`
+    ("matching_loss_current"; "matching_loss_posthoc": its prior-reference value, which should equal the monitor's):
+    measured where missing with `app_h`, otherwise only where a previous `app_h` pass cached it (None elsewhere)."""
     rows, unfinished = [], 0
     for run in sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []:
         m = RUN_NAME.match(run.name)
@@ -165,7 +170,7 @@ def collect(out: Path, app_h: bool = False) -> tuple[list[dict], int]:
             unfinished += 1
             continue
         losses = matching_losses(run)
-        app = app_h_losses(run) if app_h else {}
+        app = app_h_losses(run, cached_only=not app_h)
         for it, s in score_run(run).items():
             rows.append({"run": run.name, "prompt": s["prompt"], "arm": m["arm"], "seed": int(m["seed"]),
                          "iteration": it, "iou": s["iou"], "aligned_iou": s["aligned_iou"],
