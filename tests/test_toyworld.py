@@ -243,6 +243,33 @@ def test_study_summary_of_synthetic_runs():
     assert "| ptd | +0.050 +- 0.000 (2) | +0.120 +- 0.000 (2) | +0.040 +- 0.000 (2) |" in text
 
 
+def test_study_toy_clip_reached_and_paired():
+    """The toy-CLIP score has its own "reaches vanilla's final / best at" and paired table, as the aligned IoU has;
+    vanilla's best toy-CLIP mean before its end is the stricter level."""
+    from toyworld.study import markdown, summarise
+
+    rows = []
+    for arm, clips, colours in (("vanilla", [30.0, 65.0, 60.0], [0.3, 0.2, 0.1]), ("ptd", [40.0, 62.0, 66.0],
+                                                                                   [0.3, 0.25, 0.05])):
+        for seed, shift in ((0, -1.0), (1, 1.0)):
+            for it, clip, colour in zip((100, 200, 300), clips, colours):
+                rows.append({"arm": arm, "prompt": "p", "seed": seed, "iteration": it, "aligned_iou": 0.5,
+                             "iou": 0.5, "colour_error": colour, "toy_clip": clip + shift, "shape_ok": True,
+                             "colour_ok": True, "matching_loss": None})
+    s = summarise(rows)
+    assert s["vanilla"]["clip_reaches_vanilla_final_at"] == 200 and s["vanilla"]["clip_reaches_vanilla_best_at"] == 200
+    assert s["ptd"]["clip_reaches_vanilla_final_at"] == 200 and s["ptd"]["clip_reaches_vanilla_best_at"] == 300
+    assert s["ptd"]["paired_clip"] == {100: pytest.approx((10.0, 0.0, 2)), 200: pytest.approx((-3.0, 0.0, 2)),
+                                       300: pytest.approx((6.0, 0.0, 2))}
+    assert s["ptd"]["paired_colour"][200] == pytest.approx((0.05, 0.0, 2)) and "paired_clip" not in s["vanilla"]
+    text = markdown(s, 0)
+    assert "| ptd | +10.000 +- 0.000 (2) | -3.000 +- 0.000 (2) | +6.000 +- 0.000 (2) |" in text
+    s["ptd"]["clip_reaches_vanilla_best_at"] = None  # an arm that never gets there says so
+    assert [line for line in markdown(s, 0).splitlines() if line.startswith("| ptd | 2 |")][0].endswith("| never |")
+    (ptd_row,) = [line for line in text.splitlines() if line.startswith("| ptd | 2 | 300 |")]
+    assert ptd_row.endswith("| 100 | 100 | 200 | 300 |")  # IoU (flat: at once), then toy CLIP: final, best
+
+
 def test_study_paired_differences_and_best():
     """Pairs match on (prompt, seed): a run without its vanilla partner is left out; the standard error is the
     sample std over pairs / sqrt(pairs); vanilla's best can come before its end."""

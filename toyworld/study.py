@@ -6,7 +6,8 @@ nearest colour) and by the toy CLIP (the paper's 16-view protocol, 100 x cosine,
 CLIP committed now, so runs scored before a retrained CLIP are re-scored alike); scores are cached per PLY in the run
 (toy_scores.json, keyed by the PLY's and the CLIP weights' size and mtime). Writes <out>/toy_study.csv (one row per run
 and iteration), <out>/toy_study.md (per arm at the last iteration: mean +- std over runs; the iteration at which each
-arm's mean IoU first reaches vanilla's final mean; the matching loss along training from metrics.jsonl) and
+arm's mean aligned IoU and mean toy-CLIP score first reach vanilla's final and best means; paired differences
+from vanilla on the same prompt and seed; the matching loss along training from metrics.jsonl) and
 <out>/toy_study.png (IoU and matching loss along training, per arm). Runs still going are skipped and counted.
 
 With `--app-h`, also the matching loss of every saved model under the network of its iteration with references
@@ -188,8 +189,10 @@ def summarise(rows: list[dict]) -> dict:
     "reaches_vanilla_final_at": the first iteration whose mean aligned IoU (the shape, with the size that text cannot
     fix factored out: toyworld.score) reaches vanilla's final one; "reaches_vanilla_best_at": vanilla's best mean
     over its iterations (vanilla's quality need not peak at the end).
+    "clip_reaches_vanilla_final_at" / "clip_reaches_vanilla_best_at": the same with the mean toy-CLIP score.
     "paired": per iteration, the arm's aligned IoU minus vanilla's on the same (prompt, seed), as (mean, standard
-    error, pairs): the comparison with the prompt-to-prompt spread taken out."""
+    error, pairs): the comparison with the prompt-to-prompt spread taken out; "paired_clip", "paired_colour",
+    "paired_loss", "paired_loss_current" likewise for the toy-CLIP score, colour error and the two matching losses."""
     by_arm = defaultdict(list)
     for r in rows:
         by_arm[r["arm"]].append(r)
@@ -224,20 +227,30 @@ def summarise(rows: list[dict]) -> dict:
             "clip_curve": {it: float(np.mean(v)) for it, v in sorted(clip_curve.items())},
             "current_loss_curve": {it: float(np.mean(v)) for it, v in sorted(current_curve.items())}}
     if "vanilla" in summary:
-        final = summary["vanilla"]["aligned_iou"][0]
-        best = max(summary["vanilla"]["aligned_curve"].values())
+        van = summary["vanilla"]
         for arm, s in summary.items():
-            s["reaches_vanilla_final_at"] = next((it for it, v in s["aligned_curve"].items() if v >= final), None)
-            s["reaches_vanilla_best_at"] = next((it for it, v in s["aligned_curve"].items() if v >= best), None)
+            for prefix, curve, final in (("", "aligned_curve", van["aligned_iou"][0]),
+                                         ("clip_", "clip_curve", van["toy_clip"][0])):
+                best = max(van[curve].values())
+                s[f"{prefix}reaches_vanilla_final_at"] = _first_at(s[curve], final)
+                s[f"{prefix}reaches_vanilla_best_at"] = _first_at(s[curve], best)
             if arm != "vanilla":
-                s["paired"] = _paired(by_arm[arm], by_arm["vanilla"], "aligned_iou")
-                s["paired_loss"] = _paired(by_arm[arm], by_arm["vanilla"], "matching_loss")
-                s["paired_loss_current"] = _paired(by_arm[arm], by_arm["vanilla"], "matching_loss_current")
+                for name, key in PAIRED:
+                    s[name] = _paired(by_arm[arm], by_arm["vanilla"], key)
     posthoc = [abs(r["matching_loss_posthoc"] - r["matching_loss"]) for r in rows
                if r.get("matching_loss_posthoc") is not None and r["matching_loss"] is not None]
     if posthoc:
         summary["vanilla" if "vanilla" in summary else next(iter(summary))]["posthoc_max_diff"] = max(posthoc)
     return summary
+
+
+PAIRED = (("paired", "aligned_iou"), ("paired_clip", "toy_clip"), ("paired_colour", "colour_error"),
+          ("paired_loss", "matching_loss"), ("paired_loss_current", "matching_loss_current"))
+
+
+def _first_at(curve: dict[int, float], level: float) -> int | None:
+    """The first iteration whose value reaches `level` (None if none does)."""
+    return next((it for it, v in curve.items() if v >= level), None)
 
 
 def _paired(rows: list[dict], base_rows: list[dict], key: str) -> dict[int, tuple[float, float, int]]:
@@ -263,17 +276,26 @@ def _mean_sem(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(values)), sem, n
 
 
+def _reached(s: dict, key: str) -> str:
+    """An arm's "reaches ... at" iteration for the table: "never" where it does not, "-" without a vanilla arm."""
+    if key not in s:
+        return "-"
+    return "never" if s[key] is None else str(s[key])
+
+
 def markdown(summary: dict, unfinished: int) -> str:
     lines = ["| arm | runs | iteration | raw IoU | aligned IoU | colour error | toy CLIP | best shape right | "
-             "nearest colour right | mean aligned IoU first >= vanilla's final at | ... >= vanilla's best at |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "nearest colour right | mean aligned IoU first >= vanilla's final at | ... >= vanilla's best at | "
+             "mean toy CLIP first >= vanilla's final at | ... >= vanilla's best at |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in summary.items():
         lines.append(f"| {arm} | {s['runs']} | {s['iteration']} | {s['iou'][0]:.3f} +- {s['iou'][1]:.3f} | "
                      f"{s['aligned_iou'][0]:.3f} +- {s['aligned_iou'][1]:.3f} | "
                      f"{s['colour_error'][0]:.3f} +- {s['colour_error'][1]:.3f} | "
                      f"{s['toy_clip'][0]:.2f} +- {s['toy_clip'][1]:.2f} | {s['shape_ok']:.0%} | "
-                     f"{s['colour_ok']:.0%} | {s.get('reaches_vanilla_final_at', '-')} | "
-                     f"{s.get('reaches_vanilla_best_at', '-')} |")
+                     f"{s['colour_ok']:.0%} | " + " | ".join(_reached(s, f"{pre}reaches_vanilla_{level}_at")
+                                                              for pre in ("", "clip_") for level in ("final", "best"))
+                     + " |")
     iters = sorted({it for s in summary.values() for it in s["iou_curve"]})
     for title, key, fmt in (("Mean aligned IoU", "aligned_curve", ".3f"), ("Mean raw IoU", "iou_curve", ".3f"),
                             ("Mean colour error", "colour_curve", ".3f"), ("Mean toy-CLIP score", "clip_curve", ".2f")):
@@ -282,7 +304,8 @@ def markdown(summary: dict, unfinished: int) -> str:
         for arm, s in summary.items():
             lines.append(f"| {arm} | " + " | ".join(format(s[key][it], fmt) if it in s[key] else "-"
                                                       for it in iters) + " |")
-    for key, title in (("paired", "Aligned IoU"), ("paired_loss", "Matching loss (monitor: prior's references)"),
+    for key, title in (("paired", "Aligned IoU"), ("paired_clip", "Toy-CLIP score"), ("paired_colour", "Colour error"),
+                       ("paired_loss", "Matching loss (monitor: prior's references)"),
                        ("paired_loss_current", "Matching loss (App. H: references of each iteration's network)")):
         paired = {arm: s[key] for arm, s in summary.items() if s.get(key)}
         if not paired:
