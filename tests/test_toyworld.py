@@ -1,6 +1,7 @@
 """The toy world against closed forms: surfaces, normals, volumes, captions, scores; its training scripts' resume."""
 import math
 
+import imageio
 import numpy as np
 import pytest
 import torch
@@ -243,10 +244,10 @@ def test_study_summary_of_synthetic_runs():
     assert "| ptd | +0.050 +- 0.000 (2) | +0.120 +- 0.000 (2) | +0.040 +- 0.000 (2) |" in text
 
 
-def test_study_toy_clip_reached_and_paired():
+def test_study_toy_clip_reached_and_paired(tmp_path):
     """The toy-CLIP score has its own "reaches vanilla's final / best at" and paired table, as the aligned IoU has;
     vanilla's best toy-CLIP mean before its end is the stricter level."""
-    from toyworld.study import markdown, summarise
+    from toyworld.study import markdown, plot, summarise
 
     rows = []
     for arm, clips, colours in (("vanilla", [30.0, 65.0, 60.0], [0.3, 0.2, 0.1]), ("ptd", [40.0, 62.0, 66.0],
@@ -266,6 +267,9 @@ def test_study_toy_clip_reached_and_paired():
     assert "| ptd | +10.000 +- 0.000 (2) | -3.000 +- 0.000 (2) | +6.000 +- 0.000 (2) |" in text
     s["ptd"]["clip_reaches_vanilla_best_at"] = None  # an arm that never gets there says so
     assert [line for line in markdown(s, 0).splitlines() if line.startswith("| ptd | 2 |")][0].endswith("| never |")
+    plot(s, tmp_path / "study.png")  # three panels side by side: IoU, toy CLIP, matching loss
+    height, width = imageio.v3.imread(tmp_path / "study.png").shape[:2]
+    assert width >= 3 * height
     (ptd_row,) = [line for line in text.splitlines() if line.startswith("| ptd | 2 | 300 |")]
     assert ptd_row.endswith("| 100 | 100 | 200 | 300 |")  # IoU (flat: at once), then toy CLIP: final, best
 

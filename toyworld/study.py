@@ -8,7 +8,8 @@ CLIP committed now, so runs scored before a retrained CLIP are re-scored alike);
 and iteration), <out>/toy_study.md (per arm at the last iteration: mean +- std over runs; the iteration at which each
 arm's mean aligned IoU and mean toy-CLIP score first reach vanilla's final and best means; paired differences
 from vanilla on the same prompt and seed; the matching loss along training from metrics.jsonl) and
-<out>/toy_study.png (IoU and matching loss along training, per arm). Runs still going are skipped and counted.
+<out>/toy_study.png (IoU, toy-CLIP score and matching loss along training, per arm). Runs still going are skipped
+and counted.
 
 With `--app-h`, also the matching loss of every saved model under the network of its iteration with references
 sampled from that network (App. H's protocol; the monitor's default records use the prior's references), re-measured
@@ -345,21 +346,25 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
     for arm, s in summary.items():
         line, = axes[0].plot(list(s["aligned_curve"]), list(s["aligned_curve"].values()), marker="o", label=arm)
         axes[0].plot(list(s["iou_curve"]), list(s["iou_curve"].values()), ls="--", color=line.get_color())
+        axes[1].plot(list(s["clip_curve"]), list(s["clip_curve"].values()), marker="o", color=line.get_color(),
+                     label=arm)
         current = s.get("current_loss_curve")
         if current:
-            axes[1].plot(list(current), list(current.values()), marker=".", color=line.get_color(), label=arm)
+            axes[2].plot(list(current), list(current.values()), marker=".", color=line.get_color(), label=arm)
         if s["loss_curve"]:
-            axes[1].plot(list(s["loss_curve"]), list(s["loss_curve"].values()), ls="--" if current else "-",
+            axes[2].plot(list(s["loss_curve"]), list(s["loss_curve"].values()), ls="--" if current else "-",
                          marker=None if current else ".", color=line.get_color(), label=None if current else arm)
     axes[0].set(title="silhouette IoU vs ground truth (dashed: raw)", xlabel="iteration")
-    axes[1].set(title="matching loss (App. H refs; dashed: prior's refs)" if any(
+    axes[1].set(title="toy-CLIP score (16 views)", xlabel="iteration")
+    axes[2].set(title="matching loss (App. H refs; dashed: prior's refs)" if any(
         s.get("current_loss_curve") for s in summary.values()) else "matching loss", xlabel="iteration")
     for ax in axes:
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # the loss panel is empty for runs without metrics
+            ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
