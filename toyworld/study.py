@@ -229,14 +229,15 @@ def summarise(rows: list[dict]) -> dict:
             "current_loss_curve": {it: float(np.mean(v)) for it, v in sorted(current_curve.items())}}
     if "vanilla" in summary:
         van = summary["vanilla"]
+        levels = [(prefix, curve, van[final][0], max(van[curve].values()))
+                  for prefix, curve, final in (("", "aligned_curve", "aligned_iou"),
+                                               ("clip_", "clip_curve", "toy_clip"))]
         for arm, s in summary.items():
-            for prefix, curve, final in (("", "aligned_curve", van["aligned_iou"][0]),
-                                         ("clip_", "clip_curve", van["toy_clip"][0])):
-                best = max(van[curve].values())
+            for prefix, curve, final, best in levels:
                 s[f"{prefix}reaches_vanilla_final_at"] = _first_at(s[curve], final)
                 s[f"{prefix}reaches_vanilla_best_at"] = _first_at(s[curve], best)
             if arm != "vanilla":
-                for name, key in PAIRED:
+                for name, key, _ in PAIRED:
                     s[name] = _paired(by_arm[arm], by_arm["vanilla"], key)
     posthoc = [abs(r["matching_loss_posthoc"] - r["matching_loss"]) for r in rows
                if r.get("matching_loss_posthoc") is not None and r["matching_loss"] is not None]
@@ -245,8 +246,12 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
-PAIRED = (("paired", "aligned_iou"), ("paired_clip", "toy_clip"), ("paired_colour", "colour_error"),
-          ("paired_loss", "matching_loss"), ("paired_loss_current", "matching_loss_current"))
+# (summary key, row key, table title) of the paired differences from vanilla
+PAIRED = (("paired", "aligned_iou", "Aligned IoU"), ("paired_clip", "toy_clip", "Toy-CLIP score"),
+          ("paired_colour", "colour_error", "Colour error"),
+          ("paired_loss", "matching_loss", "Matching loss (monitor: prior's references)"),
+          ("paired_loss_current", "matching_loss_current",
+           "Matching loss (App. H: references of each iteration's network)"))
 
 
 def _first_at(curve: dict[int, float], level: float) -> int | None:
@@ -305,9 +310,7 @@ def markdown(summary: dict, unfinished: int) -> str:
         for arm, s in summary.items():
             lines.append(f"| {arm} | " + " | ".join(format(s[key][it], fmt) if it in s[key] else "-"
                                                       for it in iters) + " |")
-    for key, title in (("paired", "Aligned IoU"), ("paired_clip", "Toy-CLIP score"), ("paired_colour", "Colour error"),
-                       ("paired_loss", "Matching loss (monitor: prior's references)"),
-                       ("paired_loss_current", "Matching loss (App. H: references of each iteration's network)")):
+    for key, _, title in PAIRED:
         paired = {arm: s[key] for arm, s in summary.items() if s.get(key)}
         if not paired:
             continue
