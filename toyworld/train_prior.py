@@ -267,7 +267,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=2400)
+    p.add_argument("--unet-steps", type=int, default=7000)
     p.add_argument("--unet-lr", type=float, default=4e-4)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
