@@ -1,5 +1,6 @@
 """The toy world against closed forms: surfaces, normals, volumes, captions, scores; its training scripts' resume."""
 import math
+from types import SimpleNamespace
 
 import imageio
 import numpy as np
@@ -102,6 +103,39 @@ def test_ground_truth_scores_itself_and_tells_shapes_and_colours_apart():
     assert s["best_shape"] == "sphere" and not s["shape_ok"] and s["nearest_colour"] == "blue"
     assert s["iou"] < 0.7 and s["aligned_iou"] < 0.7
     assert s["shape_ious"]["sphere"] > 0.95  # the scale search finds the sphere at its own size
+
+
+class _IdentityAutoencoder:
+    """encode -> decode is the identity (AutoencoderKL's interface as autoencoder_round_trip uses it)."""
+    dtype = torch.float32
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=z)
+
+
+def test_round_trip_colour_identity_and_toy_autoencoder():
+    from guidance.sd_utils import TOY_PRIOR_DIR
+    from toyworld.score import score_model
+    from toyworld.train_clip import load_autoencoder
+
+    torch.set_num_threads(1)
+    model = object_splats(ToyObject("cone", "green"), 3000, seed=5)
+    # an autoencoder that changes nothing: the colour "as the prior sees it" is the rendered one (up to the float
+    # rounding of the [0, 1] <-> [-1, 1] rescaling)
+    s = score_model(model, "a green cone", resolution=32, vae=_IdentityAutoencoder())
+    assert s["round_trip_colour"] == pytest.approx(s["mean_colour"], abs=1e-6)
+    assert s["round_trip_colour_distances"] == pytest.approx(s["colour_distances"], abs=1e-6)
+    assert s["round_trip_nearest_colour"] == s["nearest_colour"] == "green"
+    # the committed prior's autoencoder shifts colours but keeps ground-truth objects nearest their own colour
+    vae = load_autoencoder(TOY_PRIOR_DIR)
+    for colour in ("red", "green", "blue", "yellow"):
+        obj = ToyObject("cone", colour)
+        s = score_model(object_splats(obj, 3000, seed=5), obj.text, resolution=32, vae=vae)
+        assert s["round_trip_colour_ok"], (colour, s["round_trip_colour_distances"])
+        assert s["round_trip_colour"] != s["mean_colour"]  # it did go through the autoencoder
 
 
 def test_composite_backgrounds_and_flips():
@@ -227,11 +261,13 @@ def test_study_summary_of_synthetic_runs():
             for it, iou in zip((100, 200, 300), curve):  # aligned IoU: the curve; raw IoU falls (tells them apart)
                 rows.append({"arm": arm, "seed": seed, "iteration": it, "aligned_iou": iou + shift,
                              "iou": 0.9 - (iou + shift), "colour_error": 0.1, "toy_clip": 20.0 + 10 * seed,
-                             "shape_ok": seed == 0, "colour_ok": True, "matching_loss": 1.0 + it / 1000})
+                             "shape_ok": seed == 0, "colour_ok": True, "round_trip_colour_ok": arm == "ptd",
+                             "matching_loss": 1.0 + it / 1000})
     s = summarise(rows)
     assert s["vanilla"]["aligned_iou"] == pytest.approx((0.7, 0.02))
     assert s["vanilla"]["iou"] == pytest.approx((0.2, 0.02)) and s["ptd"]["iou_curve"][100] == pytest.approx(0.35)
     assert s["ptd"]["shape_ok"] == 0.5 and s["ptd"]["runs"] == 2
+    assert s["ptd"]["round_trip_colour_ok"] == 1.0 and s["vanilla"]["round_trip_colour_ok"] == 0.0
     assert s["vanilla"]["reaches_vanilla_final_at"] == 300 and s["ptd"]["reaches_vanilla_final_at"] == 200
     assert s["ptd"]["loss_curve"][200] == pytest.approx(1.2)
     assert s["ptd"]["toy_clip"] == pytest.approx((25.0, 5.0))
@@ -241,6 +277,7 @@ def test_study_summary_of_synthetic_runs():
     assert s["ptd"]["paired"][100] == pytest.approx((0.05, 0.0, 2)) and "paired" not in s["vanilla"]
     assert s["ptd"]["paired_loss"][200] == pytest.approx((0.0, 0.0, 2))  # same loss curve in both arms
     text = markdown(s, 0)
+    assert "| 50% | 100% | 100% | 200 |" in text  # best shape right, nearest colour right, ... through the autoencoder
     assert "| ptd | +0.050 +- 0.000 (2) | +0.120 +- 0.000 (2) | +0.040 +- 0.000 (2) |" in text
 
 
@@ -256,7 +293,7 @@ def test_study_toy_clip_reached_and_paired(tmp_path):
             for it, clip, colour in zip((100, 200, 300), clips, colours):
                 rows.append({"arm": arm, "prompt": "p", "seed": seed, "iteration": it, "aligned_iou": 0.5,
                              "iou": 0.5, "colour_error": colour, "toy_clip": clip + shift, "shape_ok": True,
-                             "colour_ok": True, "matching_loss": None})
+                             "colour_ok": True, "round_trip_colour_ok": True, "matching_loss": None})
     s = summarise(rows)
     assert s["vanilla"]["clip_reaches_vanilla_final_at"] == 200 and s["vanilla"]["clip_reaches_vanilla_best_at"] == 200
     assert s["ptd"]["clip_reaches_vanilla_final_at"] == 200 and s["ptd"]["clip_reaches_vanilla_best_at"] == 300
@@ -281,7 +318,8 @@ def test_study_paired_differences_and_best():
 
     def row(arm, prompt, seed, it, iou):
         return {"arm": arm, "prompt": prompt, "seed": seed, "iteration": it, "aligned_iou": iou, "iou": iou,
-                "colour_error": 0.0, "toy_clip": 0.0, "shape_ok": True, "colour_ok": True, "matching_loss": None}
+                "colour_error": 0.0, "toy_clip": 0.0, "shape_ok": True, "colour_ok": True,
+                "round_trip_colour_ok": True, "matching_loss": None}
 
     rows = [row("vanilla", "a", 0, 50, 0.5), row("vanilla", "a", 0, 100, 0.9), row("vanilla", "a", 0, 150, 0.8),
             row("vanilla", "b", 0, 50, 0.3), row("vanilla", "b", 0, 100, 0.7), row("vanilla", "b", 0, 150, 0.6),

@@ -111,14 +111,17 @@ def reference_views(obj: ToyObject, resolution: int, n_views: int = 16) -> tuple
     return views(object_splats(obj), score_cameras(resolution)[:n_views])
 
 
-def score_model(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> dict:
+def score_model(model, prompt: str, resolution: int = SCORE_RESOLUTION, vae=None) -> dict:
     """Scores of `model` against the object `prompt` names (toyworld.world.parse_prompt):
 
     iou, colour_error: against that object; aligned_iou / aligned_scale: the IoU after the best uniform scale
     about the origin (`scale_aligned_iou`, 8 horizontal views at 32 px); shape_ious: aligned IoU against each shape
     in the prompt's colour, and best_shape its argmax; colour_distances: distance of the model's mean colour inside
     its silhouette to each colour's ground-truth mean (the prompt's shape), and nearest_colour its argmin;
-    shape_ok / colour_ok."""
+    shape_ok / colour_ok. With `vae` (the prior's AutoencoderKL), also the colour as the prior sees it: the views
+    through the autoencoder, against the references through it likewise (round_trip_colour, _colour_distances,
+    _nearest_colour, _colour_ok). A model can render one colour and encode as another: stage 2 only asks that the
+    encoder's latents look right."""
     target = parse_prompt(prompt)
     rgb, alpha = views(model, score_cameras(resolution))
     scaled = scaled_silhouettes(model, score_cameras(32)[:8])
@@ -128,26 +131,49 @@ def score_model(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> dict:
         shape_ious[shape], scales[shape] = best_scale(scaled, ref_alpha)
     gt_rgb, gt_alpha = reference_views(target, resolution)
     ours = mean_colour(rgb, alpha)
-    colour_distances = {}
-    for colour in COLOURS:
-        c_rgb, c_alpha = reference_views(ToyObject(target.shape, colour, False), resolution)
-        colour_distances[colour] = float((mean_colour(c_rgb, c_alpha) - ours).norm())
+    colour_distances, nearest = nearest_colour(ours, target.shape, resolution)
     best_shape = max(shape_ious, key=shape_ious.get)
-    nearest = min(colour_distances, key=colour_distances.get)
-    return {"prompt": prompt, "object": target.text, "iou": silhouette_iou(alpha, gt_alpha),
-            "aligned_iou": shape_ious[target.shape], "aligned_scale": scales[target.shape],
-            "colour_error": colour_error(rgb, gt_rgb, alpha, gt_alpha), "shape_ious": shape_ious,
-            "best_shape": best_shape, "shape_ok": best_shape == target.shape,
-            "colour_distances": colour_distances, "nearest_colour": nearest, "colour_ok": nearest == target.colour,
-            "mean_colour": [float(v) for v in ours]}
+    out = {"prompt": prompt, "object": target.text, "iou": silhouette_iou(alpha, gt_alpha),
+           "aligned_iou": shape_ious[target.shape], "aligned_scale": scales[target.shape],
+           "colour_error": colour_error(rgb, gt_rgb, alpha, gt_alpha), "shape_ious": shape_ious,
+           "best_shape": best_shape, "shape_ok": best_shape == target.shape,
+           "colour_distances": colour_distances, "nearest_colour": nearest, "colour_ok": nearest == target.colour,
+           "mean_colour": [float(v) for v in ours]}
+    if vae is not None:
+        trip = mean_colour(round_trip(rgb, vae), alpha)
+        trip_distances, trip_nearest = nearest_colour(trip, target.shape, resolution, vae)
+        out.update({"round_trip_colour": [float(v) for v in trip], "round_trip_colour_distances": trip_distances,
+                    "round_trip_nearest_colour": trip_nearest, "round_trip_colour_ok": trip_nearest == target.colour})
+    return out
 
 
-def strip(model, prompt: str, resolution: int = SCORE_RESOLUTION) -> np.ndarray:
-    """A picture [2H, 8W, 3] uint8: the model's 8 elevation-0 evaluation views above the ground truth's."""
+def round_trip(rgb: torch.Tensor, vae) -> torch.Tensor:
+    """Views [V, 3, H, W] in [0, 1] through the prior's autoencoder (decode of the encoder's mean): what the prior
+    sees of them, since stage 2's gradient reaches the pixels only through the encoder."""
+    from toyworld.train_clip import autoencoder_round_trip
+
+    return autoencoder_round_trip(rgb, torch.ones(len(rgb), dtype=torch.bool), vae)
+
+
+def nearest_colour(ours: torch.Tensor, shape: str, resolution: int, vae=None) -> tuple[dict[str, float], str]:
+    """Distance of a mean colour [3] to each colour's ground-truth mean (`shape` in that colour, no purple front,
+    its evaluation views; with `vae` those views go through the autoencoder too), and the nearest colour."""
+    distances = {}
+    for colour in COLOURS:
+        c_rgb, c_alpha = reference_views(ToyObject(shape, colour, False), resolution)
+        if vae is not None:
+            c_rgb = round_trip(c_rgb, vae)
+        distances[colour] = float((mean_colour(c_rgb, c_alpha) - ours).norm())
+    return distances, min(distances, key=distances.get)
+
+
+def strip(model, prompt: str, resolution: int = SCORE_RESOLUTION, vae=None) -> np.ndarray:
+    """A picture [2H, 8W, 3] uint8: the model's 8 elevation-0 evaluation views above the ground truth's; with `vae`
+    [3H, 8W, 3], the model's views through the autoencoder between them."""
     cams = score_cameras(resolution)[:8]
     rgb, _ = views(model, cams)
     gt, _ = views(object_splats(parse_prompt(prompt)), cams)
-    rows = [torch.cat(list(x), dim=2) for x in (rgb, gt)]  # [3, H, 8W] each
+    rows = [torch.cat(list(x), dim=2) for x in (rgb, *([round_trip(rgb, vae)] if vae is not None else []), gt)]
     return (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
@@ -161,21 +187,32 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Score a run's final model against the toy world's ground truth.")
     p.add_argument("workspace", help="a finished run folder (output/<workspace>) of a toy-world prompt, or a PLY")
     p.add_argument("--prompt", help="the prompt (default: the run's saved config)")
+    p.add_argument("--round-trip", action="store_true",
+                   help="also the colour as the prior sees it: the views through the run's prior's autoencoder "
+                        "(a middle row in toy_score_views.png)")
     args = p.parse_args(argv)
     run = Path(args.workspace)
     try:
         ply, cfg = model_source(run)
         prompt = args.prompt or cfg.GuidanceParams.text
         model = load_model(ply)  # Gaussians (PLY, its own SH degree) or a NeRF run's nerf.safetensors
-        scores = score_model(model, prompt)
+        vae = None
+        if args.round_trip:
+            from guidance.sd_utils import resolve_model_key
+            from toyworld.train_clip import load_autoencoder
+            key = cfg.GuidanceParams.model_key if run.is_dir() else "toy"  # a bare PLY: the toy prior
+            vae = load_autoencoder(Path(resolve_model_key(key)))
+        scores = score_model(model, prompt, vae=vae)
     except (RunError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     folder = run if run.is_dir() else ply.parent
     write_text_atomic(folder / "toy_score.json", json.dumps(scores, indent=1))
-    save_png(torch.from_numpy(strip(model, prompt)).permute(2, 0, 1).float() / 255, folder / "toy_score_views.png")
-    print(json.dumps({k: scores[k] for k in ("object", "iou", "aligned_iou", "aligned_scale", "colour_error",
-                                             "best_shape", "nearest_colour")}))
+    save_png(torch.from_numpy(strip(model, prompt, vae=vae)).permute(2, 0, 1).float() / 255,
+             folder / "toy_score_views.png")
+    keys = ("object", "iou", "aligned_iou", "aligned_scale", "colour_error", "best_shape", "nearest_colour",
+            *(("round_trip_nearest_colour",) if vae is not None else ()))
+    print(json.dumps({k: scores[k] for k in keys}))
     return 0
 
 

@@ -43,7 +43,7 @@ from utils.files import atomic_path, write_text_atomic
 
 RUN_NAME = re.compile(r"^(?P<prompt>.+)__(?P<arm>[^_].*?)__s(?P<seed>\d+)__[0-9a-f]+$")
 CACHE = "toy_scores.json"
-SCORES_VERSION = 2  # part of each cache entry's stamp: raise it when the scores change meaning
+SCORES_VERSION = 3  # part of each cache entry's stamp: raise it when the scores change meaning
 CLIP_RESOLUTION = 64  # the toy CLIP's input size
 
 
@@ -75,22 +75,29 @@ def toy_clip_score(model, prompt: str, scorer) -> float:
     return clip_scores({"toy": scorer}, images, prompt)["toy"]["mean"]
 
 
-def score_run(run: Path, scorer=None) -> dict[int, dict]:
-    """Ground-truth and toy-CLIP scores of each saved PLY of a run, cached in the run folder (keyed by the PLY's
-    and the CLIP weights' size and mtime). `scorer`: the toy CLIP (loaded here when None)."""
+def score_run(run: Path, scorer=None, vae=None) -> dict[int, dict]:
+    """Ground-truth and toy-CLIP scores of each saved PLY of a run, with the colour as the toy prior's autoencoder
+    sees it (toyworld.score), cached in the run folder (keyed by the PLY's, the CLIP's and the autoencoder's
+    weights' size and mtime). `scorer`, `vae`: the toy CLIP and autoencoder (loaded here when None)."""
+    from guidance.sd_utils import TOY_PRIOR_DIR
+    from toyworld.train_clip import load_autoencoder
+
     cache_path = run / CACHE
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     prompt = run_prompt(run)
     clip_stamp = _stamp(TOY_CLIP_DIR / f"{TOY_CLIP_NAME}.safetensors")
+    vae_stamp = _stamp(TOY_PRIOR_DIR / "vae" / "diffusion_pytorch_model.safetensors")
     out = {}
     for it, ply in run_plys(run).items():
-        stamp = f"v{SCORES_VERSION}|{_stamp(ply)}|{clip_stamp}"
+        stamp = f"v{SCORES_VERSION}|{_stamp(ply)}|{clip_stamp}|{vae_stamp}"
         entry = cache.get(str(it))
         if not entry or entry.get("stamp") != stamp:
             scorer = scorer or load_scorer("toy", None)
+            vae = vae or load_autoencoder(TOY_PRIOR_DIR)
             model = GaussianModel(sh_degree=3)
             model.load_ply(str(ply))
-            entry = {"stamp": stamp, **score_model(model, prompt), "toy_clip": toy_clip_score(model, prompt, scorer)}
+            entry = {"stamp": stamp, **score_model(model, prompt, vae=vae),
+                     "toy_clip": toy_clip_score(model, prompt, scorer)}
             cache[str(it)] = entry
             write_text_atomic(cache_path, json.dumps(cache, indent=1))
         out[it] = entry
@@ -178,7 +185,8 @@ def collect(out: Path, app_h: bool = False) -> tuple[list[dict], int]:
                          "iteration": it, "iou": s["iou"], "aligned_iou": s["aligned_iou"],
                          "colour_error": s["colour_error"], "toy_clip": s["toy_clip"],
                          "shape_ok": s["shape_ok"], "colour_ok": s["colour_ok"], "best_shape": s["best_shape"],
-                         "nearest_colour": s["nearest_colour"], "matching_loss": losses.get(it),
+                         "nearest_colour": s["nearest_colour"], "round_trip_colour_ok": s["round_trip_colour_ok"],
+                         "round_trip_nearest_colour": s["round_trip_nearest_colour"], "matching_loss": losses.get(it),
                          "matching_loss_current": app.get(it, {}).get("current"),
                          "matching_loss_posthoc": app.get(it, {}).get("prior")})
     return rows, unfinished
@@ -221,6 +229,7 @@ def summarise(rows: list[dict]) -> dict:
             "toy_clip": _mean_std([r["toy_clip"] for r in last]),
             "shape_ok": float(np.mean([r["shape_ok"] for r in last])),
             "colour_ok": float(np.mean([r["colour_ok"] for r in last])),
+            "round_trip_colour_ok": float(np.mean([r["round_trip_colour_ok"] for r in last])),
             "iou_curve": {it: float(np.mean(v)) for it, v in sorted(curve.items())},
             "aligned_curve": {it: float(np.mean(v)) for it, v in sorted(aligned.items())},
             "loss_curve": {it: float(np.mean(v)) for it, v in sorted(loss_curve.items())},
@@ -291,17 +300,17 @@ def _reached(s: dict, key: str) -> str:
 
 def markdown(summary: dict, unfinished: int) -> str:
     lines = ["| arm | runs | iteration | raw IoU | aligned IoU | colour error | toy CLIP | best shape right | "
-             "nearest colour right | mean aligned IoU first >= vanilla's final at | ... >= vanilla's best at | "
-             "mean toy CLIP first >= vanilla's final at | ... >= vanilla's best at |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "nearest colour right | ... through the prior's autoencoder | mean aligned IoU first >= vanilla's final "
+             "at | ... >= vanilla's best at | mean toy CLIP first >= vanilla's final at | ... >= vanilla's best at |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in summary.items():
         lines.append(f"| {arm} | {s['runs']} | {s['iteration']} | {s['iou'][0]:.3f} +- {s['iou'][1]:.3f} | "
                      f"{s['aligned_iou'][0]:.3f} +- {s['aligned_iou'][1]:.3f} | "
                      f"{s['colour_error'][0]:.3f} +- {s['colour_error'][1]:.3f} | "
                      f"{s['toy_clip'][0]:.2f} +- {s['toy_clip'][1]:.2f} | {s['shape_ok']:.0%} | "
-                     f"{s['colour_ok']:.0%} | " + " | ".join(_reached(s, f"{pre}reaches_vanilla_{level}_at")
-                                                              for pre in ("", "clip_") for level in ("final", "best"))
-                     + " |")
+                     f"{s['colour_ok']:.0%} | {s['round_trip_colour_ok']:.0%} | "
+                     + " | ".join(_reached(s, f"{pre}reaches_vanilla_{level}_at")
+                                  for pre in ("", "clip_") for level in ("final", "best")) + " |")
     iters = sorted({it for s in summary.values() for it in s["iou_curve"]})
     for title, key, fmt in (("Mean aligned IoU", "aligned_curve", ".3f"), ("Mean raw IoU", "iou_curve", ".3f"),
                             ("Mean colour error", "colour_curve", ".3f"), ("Mean toy-CLIP score", "clip_curve", ".2f")):
