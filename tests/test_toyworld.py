@@ -157,6 +157,30 @@ def test_composite_backgrounds_and_flips():
     assert white.any() and black.any() and (~white & ~black).any()
 
 
+def test_broad_composite_widens_only_the_picked_share():
+    """broad 0 is composite() on the same random stream; broad 1 recolours every object (a red object's pixels are no
+    longer red) and stays in [0, 1]; a float RGBA composites as its uint8 original does; a checkpoint written before
+    --vae-broad existed resumes as broad 0."""
+    from toyworld.data import broad_composite, composite
+    from toyworld.train_prior import LATER_SETTINGS, parse_args
+
+    rgba = torch.zeros(32, 16, 16, 4, dtype=torch.uint8)
+    rgba[:, 4:12, 4:12] = torch.tensor([200, 0, 0, 255], dtype=torch.uint8)  # an opaque red square in the middle
+    plain = composite(rgba, torch.Generator().manual_seed(3))
+    assert torch.equal(broad_composite(rgba, torch.Generator().manual_seed(3), 0.0), plain)
+    assert torch.equal(composite(rgba.float() / 255, torch.Generator().manual_seed(3)), plain)
+    wide = broad_composite(rgba, torch.Generator().manual_seed(3), 1.0)
+    assert wide.shape == plain.shape and wide.min() >= 0 and wide.max() <= 1
+    def red_like(images):  # [B] the square's centre (flips keep it in place) is the red it was drawn with
+        centre = images[..., 7:9, 7:9].mean(dim=(2, 3))
+        return (centre[:, 0] > 0.6) & (centre[:, 1:] < 0.15).all(1)
+
+    assert red_like(plain).all()
+    assert int(red_like(wide).sum()) <= 4  # (a permutation that keeps red, bright enough, no speck there: rare)
+    assert not torch.equal(wide, broad_composite(rgba, torch.Generator().manual_seed(4), 1.0))
+    assert LATER_SETTINGS["vae_broad"] == parse_args([]).vae_broad == 0.0
+
+
 def test_textured_backgrounds_only_behind_the_object():
     """composite(textured=0) draws exactly the stream of the plain one (a checkpoint made before the textured
     augmentation existed resumes bit for bit); textured=1 changes only the empty pixels, to non-flat fields."""

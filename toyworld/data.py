@@ -98,10 +98,12 @@ def textured_backgrounds(n: int, size: tuple[int, int], gen: torch.Generator, ce
 
 
 def composite(rgba: torch.Tensor, gen: torch.Generator, flip: bool = True, textured: float = 0.0) -> torch.Tensor:
-    """uint8 [B, H, W, 4] -> float images [B, 3, H, W] in [0, 1] over random backgrounds, randomly flipped; with
+    """uint8 (or float in [0, 1]) [B, H, W, 4], colour premultiplied by alpha -> float images [B, 3, H, W] in [0, 1]
+    over random backgrounds, randomly flipped; with
     `textured` > 0 that fraction of the backgrounds are `textured_backgrounds` (the random stream is the same as
     without when it is 0)."""
-    x = rgba.permute(0, 3, 1, 2).float() / 255.0
+    x = rgba.permute(0, 3, 1, 2).float()
+    x = x / 255.0 if rgba.dtype == torch.uint8 else x  # float RGBA: already in [0, 1]
     rgb, alpha = x[:, :3], x[:, 3:]
     b = x.shape[0]
     u = torch.rand(b, generator=gen)
@@ -117,3 +119,49 @@ def composite(rgba: torch.Tensor, gen: torch.Generator, flip: bool = True, textu
         flips = torch.rand(b, generator=gen) < 0.5
         images[flips] = images[flips].flip(-1)
     return images.clamp(0, 1)
+
+
+def specks(images: torch.Tensor, gen: torch.Generator, count: int = 40) -> torch.Tensor:
+    """`images` [B, 3, H, W] with up to `count` small round blobs each (Gaussian profile, sigma 0.5-2 px) of random
+    colour and opacity laid over them, a random share of the `count` per image: the floaters and specks stage 2's
+    models show."""
+    b, _, h, w = images.shape
+    centre = torch.rand(b, count, 2, generator=gen) * torch.tensor([h, w], dtype=torch.float32)
+    sigma = 0.5 + 1.5 * torch.rand(b, count, generator=gen)
+    colour = torch.rand(b, count, 3, generator=gen)
+    present = torch.rand(b, count, generator=gen) < torch.rand(b, 1, generator=gen)
+    opacity = torch.rand(b, count, generator=gen) * present
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    d2 = (yy - centre[..., 0, None, None]) ** 2 + (xx - centre[..., 1, None, None]) ** 2  # [B, count, H, W]
+    a = opacity[..., None, None] * torch.exp(-d2 / (2 * sigma[..., None, None] ** 2))
+    out = images
+    for k in range(count):
+        out = out * (1 - a[:, k, None]) + a[:, k, None] * colour[:, k, :, None, None]
+    return out
+
+
+def broad_composite(rgba: torch.Tensor, gen: torch.Generator, broad: float) -> torch.Tensor:
+    """`composite`, with the share `broad` of the images widened beyond the world, for training the autoencoder:
+    the object's colours mixed by a random 3x3 matrix (half the time a channel permutation: saturated magenta,
+    cyan, ...; otherwise rows that are convex combinations: duller hues, greys), times a brightness 0.5-1.5, half of
+    all backgrounds blotchy, then `specks` and pixel noise (std up to 0.08). An encoder
+    that has seen only the world's four colours can map a purple, speckled render to green latents, and stage 2, whose
+    gradient reaches the pixels through the encoder, then makes purple "green" objects (docs/toyworld.md).
+    `broad` 0: `composite` exactly, with the same random stream."""
+    if broad <= 0:
+        return composite(rgba, gen)
+    x = rgba.permute(0, 3, 1, 2).float() / 255.0
+    rgb, alpha = x[:, :3], x[:, 3:]
+    b = x.shape[0]
+    pick = torch.rand(b, generator=gen) < broad
+    mix = torch.rand(b, 3, 3, generator=gen)
+    mix = mix / mix.sum(2, keepdim=True)  # convex rows: mixed, duller hues
+    perm = torch.eye(3)[torch.rand(b, 3, generator=gen).argsort(dim=1)]  # channels swapped: saturated hues
+    mix = torch.where((torch.rand(b, generator=gen) < 0.5)[:, None, None], perm, mix)
+    mix = mix * (0.5 + torch.rand(b, 1, 1, generator=gen))
+    mix = torch.where(pick[:, None, None], mix, torch.eye(3).expand(b, 3, 3))
+    rgb = torch.minimum(torch.einsum("bij,bjhw->bihw", mix, rgb), alpha)  # premultiplied: colour <= alpha
+    images = composite(torch.cat([rgb, alpha], 1).permute(0, 2, 3, 1), gen, textured=0.5)
+    noisy = specks(images, gen) + 0.08 * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(images.shape,
+                                                                                              generator=gen)
+    return torch.where(pick[:, None, None, None], noisy.clamp(0, 1), images)

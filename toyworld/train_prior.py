@@ -22,13 +22,14 @@ from tqdm import tqdm
 
 from guidance.sd_utils import TOY_PRIOR_DIR
 from guidance.tiny import build_tiny_tokenizer
-from toyworld.data import cached_dataset, composite
+from toyworld.data import broad_composite, cached_dataset, composite
 from utils.files import atomic_folder, atomic_path
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_OUT = TOY_PRIOR_DIR  # where model_key: toy resolves
 EMPTY_CAPTION = 0.15
 NOT_SETTINGS = ("resume", "work", "out", "threads", "export_only", "stop_after")
+LATER_SETTINGS = {"vae_broad": 0.0}  # settings added after checkpoints were written, with the value those had
 
 
 class Paused(Exception):
@@ -121,7 +122,7 @@ class Trainer:
         s = torch.load(self.ckpt, weights_only=True)
         saved_args = json.loads(s["args"])
         now = {k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS}
-        diff = sorted(k for k in now if saved_args.get(k) != now[k])
+        diff = sorted(k for k in now if saved_args.get(k, LATER_SETTINGS.get(k)) != now[k])
         if diff == ["unet_steps"] and now["unet_steps"] > saved_args["unet_steps"] and s["phase"] in ("unet", "done"):
             # more UNet steps: its learning rate is constant after warm-up, so going on equals having asked for the
             # larger number from the start
@@ -140,9 +141,10 @@ class Trainer:
         self.gen.set_state(s["gen"])
         torch.set_rng_state(s["torch_rng"])
 
-    def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
+    def batch(self, n: int, broad: float = 0.0) -> tuple[torch.Tensor, list[str]]:
         idx = torch.randint(0, len(self.data), (n,), generator=self.gen)
-        images = composite(torch.from_numpy(self.data.rgba[idx.numpy()]), self.gen)
+        rgba = torch.from_numpy(self.data.rgba[idx.numpy()])
+        images = broad_composite(rgba, self.gen, broad) if broad > 0 else composite(rgba, self.gen)
         plain = torch.rand(n, generator=self.gen) < 0.25  # the plain prompt sometimes (the CLIP/probe text)
         empty = torch.rand(n, generator=self.gen) < EMPTY_CAPTION
         captions = ["" if e else self.data.caption(int(i), plain=bool(p)) for i, p, e in zip(idx, plain, empty)]
@@ -150,7 +152,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ phases
     def vae_step(self) -> float:
-        images, _ = self.batch(self.args.vae_batch)
+        images, _ = self.batch(self.args.vae_batch, broad=self.args.vae_broad)
         x = 2 * images - 1
         post = self.vae.encode(x).latent_dist
         rec = self.vae.decode(post.sample(generator=self.gen)).sample
@@ -267,6 +269,9 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--vae-broad", type=float, default=0.0,
+                   help="share of the autoencoder's images widened beyond the world (toyworld.data.broad_composite: "
+                        "random colours, specks, noise), so that its encoder keeps colours it never saw")
     p.add_argument("--unet-steps", type=int, default=7000)
     p.add_argument("--unet-lr", type=float, default=4e-4)
     p.add_argument("--checkpoint-every", type=int, default=100)
