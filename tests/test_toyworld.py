@@ -422,3 +422,28 @@ def test_card_views_and_ground_truth_ceiling():
     torch.set_num_threads(1)
     out = ground_truth_ceiling(objects[:2], "side", load_scorer("toy", None))
     assert set(out) == {"clean"} and out["clean"]["prompt"] == 1.0
+
+
+def test_score_cli_round_trip_on_a_ply(tmp_path):
+    """`python -m toyworld.score model.ply --prompt ... --round-trip` (a bare PLY: the toy prior's autoencoder) writes
+    the round-trip colour into toy_score.json and a three-row picture: the views, the same through the autoencoder,
+    the ground truth."""
+    import json
+
+    from scene.gaussian_model import GaussianModel
+    from toyworld import score
+
+    torch.set_num_threads(1)
+    splats = object_splats(ToyObject("sphere", "green"), 800, seed=2)
+    model = GaussianModel(0)
+    model.create_from_pcd(splats.xyz.numpy(), splats.rgb.numpy(), 1.0)
+    ply = tmp_path / "model.ply"
+    model.save_ply(str(ply))
+    assert score.main([str(ply), "--prompt", "a green sphere", "--round-trip"]) == 0
+    s = json.loads((tmp_path / "toy_score.json").read_text())
+    assert s["object"] == "a green sphere" and set(s["round_trip_colour_distances"]) == set(COLOURS)
+    assert s["round_trip_nearest_colour"] in COLOURS and len(s["round_trip_colour"]) == 3
+    assert imageio.v3.imread(tmp_path / "toy_score_views.png").shape[:2] == (3 * 64, 8 * 64)
+    assert score.main([str(ply), "--prompt", "a green sphere"]) == 0  # without: two rows, no round-trip keys
+    assert "round_trip_colour" not in json.loads((tmp_path / "toy_score.json").read_text())
+    assert imageio.v3.imread(tmp_path / "toy_score_views.png").shape[:2] == (2 * 64, 8 * 64)
