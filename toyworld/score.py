@@ -158,13 +158,17 @@ def round_trip(rgb: torch.Tensor, vae) -> torch.Tensor:
 def nearest_colour(ours: torch.Tensor, shape: str, resolution: int, vae=None) -> tuple[dict[str, float], str]:
     """Distance of a mean colour [3] to each colour's ground-truth mean (`shape` in that colour, no purple front,
     its evaluation views; with `vae` those views go through the autoencoder too), and the nearest colour."""
-    distances = {}
-    for colour in COLOURS:
-        c_rgb, c_alpha = reference_views(ToyObject(shape, colour, False), resolution)
-        if vae is not None:
-            c_rgb = round_trip(c_rgb, vae)
-        distances[colour] = float((mean_colour(c_rgb, c_alpha) - ours).norm())
+    distances = {c: float((reference_colour(ToyObject(shape, c, False), resolution, vae) - ours).norm())
+                 for c in COLOURS}
     return distances, min(distances, key=distances.get)
+
+
+@functools.lru_cache(maxsize=64)
+def reference_colour(obj: ToyObject, resolution: int, vae=None) -> torch.Tensor:
+    """The ground-truth object's mean colour [3] inside its silhouette over its evaluation views (through `vae`'s
+    round trip when given), computed once per process and autoencoder."""
+    rgb, alpha = reference_views(obj, resolution)
+    return mean_colour(rgb if vae is None else round_trip(rgb, vae), alpha)
 
 
 def strip(model, prompt: str, resolution: int = SCORE_RESOLUTION, vae=None) -> np.ndarray:
