@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from guidance.sd_utils import TOY_PRIOR_DIR
 from guidance.tiny import build_tiny_tokenizer
-from toyworld.data import broad_composite, cached_dataset, composite
+from toyworld.data import broad_composite, cached_dataset
 from utils.files import atomic_folder, atomic_path
 
 REPO = Path(__file__).resolve().parent
@@ -143,8 +143,7 @@ class Trainer:
 
     def batch(self, n: int, broad: float = 0.0) -> tuple[torch.Tensor, list[str]]:
         idx = torch.randint(0, len(self.data), (n,), generator=self.gen)
-        rgba = torch.from_numpy(self.data.rgba[idx.numpy()])
-        images = broad_composite(rgba, self.gen, broad) if broad > 0 else composite(rgba, self.gen)
+        images = broad_composite(torch.from_numpy(self.data.rgba[idx.numpy()]), self.gen, broad)  # 0: composite()
         plain = torch.rand(n, generator=self.gen) < 0.25  # the plain prompt sometimes (the CLIP/probe text)
         empty = torch.rand(n, generator=self.gen) < EMPTY_CAPTION
         captions = ["" if e else self.data.caption(int(i), plain=bool(p)) for i, p, e in zip(idx, plain, empty)]
