@@ -1,5 +1,6 @@
 """The toy world against closed forms: surfaces, normals, volumes, captions, scores; its training scripts' resume."""
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import imageio
@@ -160,7 +161,7 @@ def test_composite_backgrounds_and_flips():
 def test_broad_composite_widens_only_the_picked_share():
     """broad 0 is composite() on the same random stream; broad 1 recolours every object (a red object's pixels are no
     longer red) and stays in [0, 1]; a float RGBA composites as its uint8 original does; a checkpoint written before
-    --vae-broad existed resumes as broad 0."""
+    --vae-broad existed resumes as broad 0 (the default is 0.5 since 2026-12-01)."""
     from toyworld.data import broad_composite, composite
     from toyworld.train_prior import LATER_SETTINGS, parse_args
 
@@ -178,7 +179,7 @@ def test_broad_composite_widens_only_the_picked_share():
     assert red_like(plain).all()
     assert int(red_like(wide).sum()) <= 4  # (a permutation that keeps red, bright enough, no speck there: rare)
     assert not torch.equal(wide, broad_composite(rgba, torch.Generator().manual_seed(4), 1.0))
-    assert LATER_SETTINGS["vae_broad"] == parse_args([]).vae_broad == 0.0
+    assert LATER_SETTINGS["vae_broad"] == 0.0 and parse_args([]).vae_broad == 0.5  # old checkpoints: 0; default 0.5
 
 
 def test_textured_backgrounds_only_behind_the_object():
@@ -447,3 +448,10 @@ def test_score_cli_round_trip_on_a_ply(tmp_path):
     assert score.main([str(ply), "--prompt", "a green sphere"]) == 0  # without: two rows, no round-trip keys
     assert "round_trip_colour" not in json.loads((tmp_path / "toy_score.json").read_text())
     assert imageio.v3.imread(tmp_path / "toy_score_views.png").shape[:2] == (2 * 64, 8 * 64)
+
+
+def test_committed_weights_keep_the_size_budget():
+    """The issue's budget for the committed toy models (prior + toy CLIP + card): at most 25 MB."""
+    weights = Path(__file__).resolve().parents[1] / "toyworld" / "weights"
+    total = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file())
+    assert total <= 25_000_000, f"toyworld/weights holds {total / 1e6:.2f} MB, over the 25 MB budget"
