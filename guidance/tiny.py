@@ -9,6 +9,7 @@ text encoder, SD 2.1-base's DDIM schedule (scaled-linear betas 0.00085..0.012, s
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -43,8 +44,24 @@ def tiny_model_path(prediction_type: str = "epsilon", root: str | os.PathLike | 
     if (folder / "model_index.json").is_file():
         return folder
     with atomic_folder(folder, keep_existing=True) as tmp:  # a concurrent builder may have won, which is fine
-        build_tiny_pipeline(prediction_type).save_pretrained(tmp)
+        pipe = build_tiny_pipeline(prediction_type)
+        with _quiet_transformers_progress():  # the first build must not print to stderr (one-line error contracts)
+            pipe.save_pretrained(tmp)
     return folder
+
+
+@contextlib.contextmanager
+def _quiet_transformers_progress():
+    """transformers' own progress bars (e.g. "Writing model shards") off inside, as they were after."""
+    from transformers.utils import logging as tf_logging
+
+    was_enabled = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            tf_logging.enable_progress_bar()
 
 
 def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):

@@ -63,3 +63,15 @@ def test_tokenizer_pads_to_77(tiny_pipe):
     ids = tiny_pipe.tokenizer("a cat", padding="max_length", max_length=tiny_pipe.tokenizer.model_max_length,
                               return_tensors="pt").input_ids
     assert ids.shape == (1, 77) and len(tiny_pipe.tokenizer) < 1100
+
+
+def test_first_build_prints_nothing_and_restores_progress_bars(tmp_path, capfd):
+    """Building the set on first use (a fresh machine) writes nothing to stderr, where the scripts' one-line error
+    contract is checked, and leaves transformers' progress-bar setting as it found it."""
+    from transformers.utils import logging as tf_logging
+
+    assert tf_logging.is_progress_bar_enabled()
+    folder = tiny_model_path("epsilon", root=tmp_path)
+    assert (folder / "model_index.json").is_file()
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert tf_logging.is_progress_bar_enabled()
