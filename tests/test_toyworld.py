@@ -362,6 +362,38 @@ def test_study_paired_differences_and_best():
     assert s["ptd"]["aligned_curve"][50] == pytest.approx(1.1 / 3)
 
 
+def test_study_tables_from_its_csv(tmp_path, capsys):
+    """A study's committed CSV gives back the rows it was written from (types, None, booleans), and `--from-csv`
+    makes the same tables as the rows did; a CSV without the needed columns is a one-line error, nothing written."""
+    from toyworld.study import main, markdown, read_rows, rows_csv, summarise
+
+    rows = []
+    for arm, base in (("vanilla", 0.6), ("ptd", 0.7)):
+        for seed in (0, 1):
+            for it in (20, 40):
+                rows.append({"run": f"a_red_cube__{arm}__s{seed}__00ff", "prompt": "a red cube", "arm": arm,
+                             "seed": seed, "iteration": it, "iou": base / 2, "aligned_iou": base + it / 1000 + seed / 7,
+                             "colour_error": 0.125, "toy_clip": 61.25 + seed, "shape_ok": seed == 0,
+                             "colour_ok": True, "best_shape": "cube", "nearest_colour": None,
+                             "round_trip_colour_ok": False, "round_trip_nearest_colour": "red",
+                             "matching_loss": None if it == 20 else 0.5 + seed / 3,
+                             "matching_loss_current": None, "matching_loss_posthoc": None})
+    back = read_rows(rows_csv(rows))
+    assert back == rows  # floats through repr survive exactly
+    csv_path = tmp_path / "toy_study.csv"
+    csv_path.write_text(rows_csv(rows))
+    assert main([str(tmp_path / "tables"), "--from-csv", str(csv_path)]) == 0
+    assert (tmp_path / "tables" / "toy_study.md").read_text() == markdown(summarise(rows), 0)
+    assert (tmp_path / "tables" / "toy_study.png").is_file()
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("arm,seed\nvanilla,0\n")
+    assert main([str(tmp_path / "bad_out"), "--from-csv", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.csv" in err and "iteration" in err
+    assert not (tmp_path / "bad_out").exists()
+
+
 def test_probe_summary_over_prompts():
     """Mean +- std over prompts of each prompt's means, per timestep and overall, for each reading."""
     from toyworld.study import probe_markdown, probe_summary

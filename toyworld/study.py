@@ -16,6 +16,9 @@ sampled from that network (App. H's protocol; the monitor's default records use 
 from the saved PLYs (`app_h_losses`: with the prior's references it reproduces metrics.jsonl exactly). Without it,
 the values a previous `--app-h` pass cached are still reported (the paired table says over how many pairs).
 
+With `--from-csv CSV`, the tables and plot are made from a toy_study.csv instead of run folders: the study's runs
+do not outlive the machine they ran on, its CSV is committed (docs/toy_study.csv).
+
 With `--probe`, first the paper's §3 measurement for every prompt of `--prompts`: probe_ood.py (the prior, the
 `--opt` config's EvalParams) on renders of the initial model vs held-out prior samples, into
 <out>/probe/<prompt slug>/ (a prompt already measured is skipped: rerun to resume); then <out>/toy_probe.md, the
@@ -190,6 +193,49 @@ def collect(out: Path, app_h: bool = False) -> tuple[list[dict], int]:
                          "matching_loss_current": app.get(it, {}).get("current"),
                          "matching_loss_posthoc": app.get(it, {}).get("prior")})
     return rows, unfinished
+
+
+def rows_csv(rows: list[dict]) -> str:
+    """The rows of `collect` as CSV text (None as an empty field)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+_INT_FIELDS = ("seed", "iteration")
+_BOOL_FIELDS = ("shape_ok", "colour_ok", "round_trip_colour_ok")
+_TEXT_FIELDS = ("run", "prompt", "arm", "best_shape", "nearest_colour", "round_trip_nearest_colour")
+_NEEDED = ("arm", "seed", "iteration", "iou", "aligned_iou", "colour_error", "toy_clip", *_BOOL_FIELDS,
+           "matching_loss")
+
+
+def read_rows(text: str) -> list[dict]:
+    """The rows of a toy_study.csv (`rows_csv`) with their types back: the tables and plots of a study whose run
+    folders are gone can be made again from its committed CSV (`--from-csv`)."""
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [k for k in _NEEDED if k not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"no column {', '.join(missing)}")
+    rows = []
+    for raw in reader:
+        row = {}
+        for key, value in raw.items():
+            if key in _TEXT_FIELDS:
+                row[key] = value or None
+            elif value == "":
+                row[key] = None
+            elif key in _INT_FIELDS:
+                row[key] = int(value)
+            elif key in _BOOL_FIELDS:
+                if value not in ("True", "False"):
+                    raise ValueError(f"column {key!r} holds {value!r}, not True or False")
+                row[key] = value == "True"
+            else:
+                row[key] = float(value)
+        rows.append(row)
+    return rows
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -448,8 +494,27 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", default=str(Path(__file__).parent / "study_prompts.txt"))
     p.add_argument("--opt", default=str(PROJECT_ROOT / "configs" / "toy_study.yaml"),
                    help="the config the probe runs with")
+    p.add_argument("--from-csv", metavar="CSV",
+                   help="make the tables and plot from this toy_study.csv (e.g. docs/toy_study.csv) instead of "
+                        "run folders, into OUT/toy_study.md and OUT/toy_study.png")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.from_csv:
+        try:
+            rows = read_rows(Path(args.from_csv).read_text())
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: --from-csv {args.from_csv}: cannot read it as a toy_study.csv ({e})", file=sys.stderr)
+            return 2
+        if not rows:
+            print(f"error: --from-csv {args.from_csv} holds no row; give a toy_study.csv", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        summary = summarise(rows)
+        text = markdown(summary, 0)
+        write_text_atomic(out / "toy_study.md", text)
+        plot(summary, out / "toy_study.png")
+        print(text)
+        return 0
     if args.probe:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
@@ -469,11 +534,7 @@ def main(argv=None) -> int:
     if not rows:
         print(f"error: no finished run in {out}/runs yet ({unfinished} unfinished)", file=sys.stderr)
         return 2
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out / "toy_study.csv", buf.getvalue())
+    write_text_atomic(out / "toy_study.csv", rows_csv(rows))
     summary = summarise(rows)
     text = markdown(summary, unfinished)
     write_text_atomic(out / "toy_study.md", text)
