@@ -182,7 +182,9 @@ real objects, and let the project measure the paper's claims against ground trut
 {prior_row}
 {clip_row}
 
-Times are on this project's 2-core CPU machine (other work shared it), one run each.
+Times are on this project's 2-core CPU machine (other work shared it), one run each. The committed prior was
+trained with `--threads 2`: training is seeded and reproduces bit for bit at the same thread count only (another
+count changes the float sums from the second step on, and thousands of steps make that a different model).
 
 ## Samples (DDIM 50, CFG 7.5, empty negative prompt, 64 px)
 
