@@ -484,6 +484,15 @@ def probe_markdown(summary: dict, reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_tables(out: Path, rows: list[dict], unfinished: int) -> None:
+    """<out>/toy_study.md (printed too) and <out>/toy_study.png from a study's rows."""
+    summary = summarise(rows)
+    text = markdown(summary, unfinished)
+    write_text_atomic(out / "toy_study.md", text)
+    plot(summary, out / "toy_study.png")
+    print(text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="a batch.py output folder of toy-world prompts")
@@ -502,18 +511,14 @@ def main(argv=None) -> int:
     if args.from_csv:
         try:
             rows = read_rows(Path(args.from_csv).read_text())
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError) as e:
             print(f"error: --from-csv {args.from_csv}: cannot read it as a toy_study.csv ({e})", file=sys.stderr)
             return 2
         if not rows:
             print(f"error: --from-csv {args.from_csv} holds no row; give a toy_study.csv", file=sys.stderr)
             return 2
         out.mkdir(parents=True, exist_ok=True)
-        summary = summarise(rows)
-        text = markdown(summary, 0)
-        write_text_atomic(out / "toy_study.md", text)
-        plot(summary, out / "toy_study.png")
-        print(text)
+        write_tables(out, rows, 0)
         return 0
     if args.probe:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
@@ -535,11 +540,7 @@ def main(argv=None) -> int:
         print(f"error: no finished run in {out}/runs yet ({unfinished} unfinished)", file=sys.stderr)
         return 2
     write_text_atomic(out / "toy_study.csv", rows_csv(rows))
-    summary = summarise(rows)
-    text = markdown(summary, unfinished)
-    write_text_atomic(out / "toy_study.md", text)
-    plot(summary, out / "toy_study.png")
-    print(text)
+    write_tables(out, rows, unfinished)
     return 0
 
 
