@@ -1,4 +1,5 @@
 """The toy world against closed forms: surfaces, normals, volumes, captions, scores; its training scripts' resume."""
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -262,6 +263,7 @@ def test_train_prior_resume_equals_uninterrupted(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(whole / "out"))
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
     assert pipe.vae.config.scaling_factor != 1.0  # measured from the data
+    assert json.loads((whole / "out" / "training_args.json").read_text())["unet_steps"] == 2
     # more UNet steps on --resume of a finished run = asking for them from the start (constant learning rate)
     longer = list(common)
     longer[longer.index("--unet-steps") + 1] = "3"
@@ -273,6 +275,47 @@ def test_train_prior_resume_equals_uninterrupted(tmp_path):
     fewer = list(common)
     fewer[fewer.index("--unet-steps") + 1] = "1"
     assert train_prior.main(fewer + ["--work", str(whole), "--out", str(whole / "out"), "--resume"]) == 2
+    # a decay added on resume from the saved step on = that schedule from the start; once decaying, no new length
+    decayed = list(common)
+    decayed[decayed.index("--unet-steps") + 1] = "4"
+    decayed += ["--unet-decay-from", "3"]
+    fresh = tmp_path / "fresh"
+    assert train_prior.main(decayed + ["--work", str(fresh), "--out", str(fresh / "out")]) == 0
+    assert train_prior.main(decayed + ["--work", str(long), "--out", str(long / "out"), "--resume"]) == 0
+    a, b = (load_file(d / "out" / "unet/diffusion_pytorch_model.safetensors") for d in (fresh, long))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c) for k, c in load_file(
+        whole / "out" / "unet/diffusion_pytorch_model.safetensors").items())
+    again = list(decayed)
+    again[again.index("--unet-steps") + 1] = "5"
+    assert train_prior.main(again + ["--work", str(long), "--out", str(long / "out"), "--resume"]) == 2
+
+
+def test_unet_learning_rate_schedule():
+    """Warm-up over 100 steps, constant, then (with decay_from) a straight line to zero at the last step."""
+    from toyworld.train_prior import warmup_decay_lr as unet_lr
+
+    assert unet_lr(0, 1.0, 1000) == pytest.approx(0.01) and unet_lr(99, 1.0, 1000) == 1.0
+    assert unet_lr(999, 1.0, 1000) == 1.0  # no decay: constant to the end
+    assert unet_lr(699, 2.0, 1000, 700) == 2.0 and unet_lr(700, 2.0, 1000, 700) == 2.0
+    assert unet_lr(850, 2.0, 1000, 700) == pytest.approx(1.0) and unet_lr(999, 2.0, 1000, 700) == pytest.approx(2 / 300)
+
+
+def test_extends_unet_accepts_only_schedules_that_keep_done_steps():
+    from toyworld.train_prior import extends_unet
+
+    base = {"vae_steps": 3, "unet_steps": 100, "unet_lr": 1e-3}  # a checkpoint from before --unet-decay-from
+    now = lambda **kw: {**base, "unet_decay_from": 0, **kw}  # noqa: E731
+    assert extends_unet(base, now(unet_steps=200), "done", 100)
+    assert extends_unet(base, now(unet_steps=200, unet_decay_from=100), "done", 100)
+    assert extends_unet(base, now(unet_decay_from=80), "unet", 60)  # same length, decay from a step still to come
+    assert not extends_unet(base, now(unet_decay_from=50), "unet", 60)  # would change steps 50-59
+    assert not extends_unet(base, now(unet_decay_from=50), "done", 100)
+    assert not extends_unet(base, now(unet_steps=50), "unet", 40)  # shorter
+    assert not extends_unet(base, now(unet_steps=200, unet_lr=2e-3), "done", 100)  # another setting
+    assert not extends_unet(base, now(unet_steps=200), "vae", 2)
+    decaying = {**base, "unet_decay_from": 50}
+    assert extends_unet(decaying, {**decaying, "unet_steps": 200}, "unet", 40)  # the decay had not begun
+    assert not extends_unet(decaying, {**decaying, "unet_steps": 200}, "unet", 60)
 
 
 def test_study_summary_of_synthetic_runs():
@@ -487,3 +530,49 @@ def test_committed_weights_keep_the_size_budget():
     weights = Path(__file__).resolve().parents[1] / "toyworld" / "weights"
     total = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file())
     assert total <= 25_000_000, f"toyworld/weights holds {total / 1e6:.2f} MB, over the 25 MB budget"
+
+
+@pytest.mark.slow
+def test_train_clip_fine_tunes_from_a_written_clip(tmp_path, capsys):
+    """--init starts from a written toy CLIP (its fp16 weights, its log going on), --decay-from is accepted, and a
+    folder without weights is a one-line error with nothing written."""
+    from safetensors.torch import load_file
+
+    from evaluation.clip import TOY_CLIP_NAME
+    from toyworld import train_clip
+
+    common = ["--views", "1", "--batch", "4", "--steps", "2", "--domain-from", "5", "--threads", "1",
+              "--work", str(tmp_path / "work")]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train_clip.main(common + ["--out", str(first)]) == 0
+    (tmp_path / "work" / "clip_checkpoint.pt").unlink()
+    assert train_clip.main(common + ["--out", str(second), "--init", str(first), "--decay-from", "1"]) == 0
+    log = json.loads((second / "training_log.json").read_text())
+    from toyworld.train_prior import expand_log
+    log, before = (expand_log(json.loads((d / "training_log.json").read_text())) for d in (second, first))
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[:2] == before and {r["phase"] for r in log} == {"clip"}
+    record = json.loads((second / "training_args.json").read_text())
+    assert record["init"] == str(first) and record["decay_from"] == 1 and record["init_args"]["init"] == ""
+    model, _ = train_clip.build_model(1, tmp_path / "work")
+    train_clip.load_init(model, first)
+    a = load_file(str(first / f"{TOY_CLIP_NAME}.safetensors"))
+    assert all(torch.equal(v.half(), a[k]) for k, v in model.state_dict().items())
+    b = load_file(str(second / f"{TOY_CLIP_NAME}.safetensors"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # trained on
+    (tmp_path / "work" / "clip_checkpoint.pt").unlink()
+    capsys.readouterr()
+    assert train_clip.main(common + ["--out", str(tmp_path / "third"), "--init", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --init") and "\n" not in err and not (tmp_path / "third").exists()
+
+
+def test_compact_log_round_trip():
+    """The committed log's columns read back as the per-step rows (rounded), in order; old list logs pass through."""
+    from toyworld.train_prior import compact_log, expand_log
+
+    rows = [{"phase": "vae", "step": 1, "loss": 0.123456789, "seconds": 1.26},
+            {"phase": "vae", "step": 2, "loss": 0.1, "seconds": 2.0},
+            {"phase": "unet", "step": 1, "loss": 1.5e-5, "seconds": 3.04}]
+    back = expand_log(json.loads(json.dumps(compact_log(rows))))
+    assert back == [{**rows[0], "loss": 0.123457, "seconds": 1.3}, rows[1], {**rows[2], "seconds": 3.0}]
+    assert expand_log(rows) is rows

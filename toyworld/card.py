@@ -116,8 +116,9 @@ def main(argv=None) -> int:
     from toyworld.train_clip import load_autoencoder
     ceiling = ground_truth_ceiling(objects, args.view, scorer, load_autoencoder(TOY_PRIOR_DIR))
     save_png(image_grid(samples[:len(prompts)], 8), out / "toy_prior_samples.png")
-    prior_log = json.loads((TOY_PRIOR_DIR / "training_log.json").read_text())
-    clip_log = json.loads((TOY_CLIP_DIR / "training_log.json").read_text())
+    from toyworld.train_prior import expand_log
+    prior_log = expand_log(json.loads((TOY_PRIOR_DIR / "training_log.json").read_text()))
+    clip_log = expand_log(json.loads((TOY_CLIP_DIR / "training_log.json").read_text()))
     plot_losses(out, prior_log, clip_log)
     card = render_card(acc, len(samples), sample_s, prior_log, clip_log, prompts, captions[0], ceiling, args.view)
     write_text_atomic(out / "README.md", card)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from evaluation.clip import TOY_CLIP_DIR, TOY_CLIP_NAME
 from guidance.sd_utils import TOY_PRIOR_DIR
 from toyworld.data import cached_dataset, composite
+from toyworld.train_prior import compact_log, expand_log, warmup_decay_lr
 from utils.files import atomic_folder, atomic_path
 
 REPO = Path(__file__).resolve().parent
@@ -31,6 +32,7 @@ TOY_CLIP_CONFIG = {"embed_dim": 64,
                    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
                    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
 NOT_SETTINGS = ("resume", "work", "out", "threads", "prior")
+LATER_SETTINGS = {"init": "", "decay_from": 0}  # settings added after checkpoints were written, as those had them
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -111,6 +113,29 @@ def build_model(seed: int, work: Path):
     return model, open_clip.get_tokenizer(register(work))  # open_clip's BPE at the config's context length
 
 
+def load_init(model, folder: Path) -> list[dict]:
+    """Load a written toy CLIP's weights (fp16 on disk) into `model` (fp32); its training log, which the new
+    training's log goes on from."""
+    from safetensors.torch import load_file
+
+    weights = Path(folder) / f"{TOY_CLIP_NAME}.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"--init {folder}: no {weights.name} there; pass a folder train_clip wrote")
+    model.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
+    log = Path(folder) / "training_log.json"
+    return [{**r, "phase": "clip"} for r in expand_log(json.loads(log.read_text()))] if log.is_file() else []
+
+
+def training_args(settings: dict) -> dict:
+    """What a written CLIP records of its making: the settings, and with --init the init folder's own record
+    (None where that folder has none: the CLIPs written before 2026-12-01)."""
+    out = dict(settings)
+    if settings.get("init"):
+        rec = Path(settings["init"]) / "training_args.json"
+        out["init_args"] = json.loads(rec.read_text()) if rec.is_file() else None
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -122,6 +147,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--decay-from", type=int, default=0,
+                   help="step from which the learning rate falls linearly to zero at --steps (0: constant)")
+    p.add_argument("--init", default="", help="start from the weights of this toy CLIP folder (fine-tuning; "
+                   "--steps then counts the new steps, and its training log goes on from the folder's)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--domain-from", type=int, default=1000, help="step from which the two augmentations below run")
     p.add_argument("--vae-frac", type=float, default=0.5, help="fraction of a batch round-tripped through the "
@@ -130,6 +159,9 @@ def main(argv=None) -> int:
     p.add_argument("--prior", default=str(TOY_PRIOR_DIR), help="the toy prior whose autoencoder is used")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
+    if not 0 <= args.decay_from < args.steps:
+        print(f"error: --decay-from {args.decay_from} must lie in [0, --steps {args.steps})", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -139,18 +171,26 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed + 11)
     settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
     ckpt, step, log = work / "clip_checkpoint.pt", 0, []
+    if args.init and not ckpt.is_file():
+        try:
+            log = load_init(model, Path(args.init))
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    base = log[-1]["step"] if log else 0  # the init's steps: the log's step numbers go on from them
     if ckpt.is_file():
         if not args.resume:
             print(f"error: {ckpt} exists; pass --resume to continue it, or delete it to start over", file=sys.stderr)
             return 2
         s = torch.load(ckpt, weights_only=True)
-        if json.loads(s["settings"]) != settings:
+        if {**LATER_SETTINGS, **json.loads(s["settings"])} != settings:
             print(f"error: {ckpt} was made with other settings; rerun with the same arguments", file=sys.stderr)
             return 2
         model.load_state_dict(s["model"])
         opt.load_state_dict(s["opt"])
         gen.set_state(s["gen"])
         step, log = int(s["step"]), json.loads(s["log"])
+        base = log[-1]["step"] - step if log else 0
     t0, vae = time.time() - (log[-1]["seconds"] if log else 0.0), None  # the log's seconds go on across resumes
     with tqdm(total=args.steps, initial=step, desc="toy CLIP", unit="step") as bar:
         while step < args.steps:
@@ -171,13 +211,13 @@ def main(argv=None) -> int:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for g in opt.param_groups:
-                g["lr"] = args.lr * min(1.0, (step + 1) / 100)
+                g["lr"] = warmup_decay_lr(step, args.lr, args.steps, args.decay_from)
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, 4.6052)
             step += 1
-            log.append({"step": step, "loss": float(loss), "seconds": time.time() - t0})
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            log.append({"phase": "clip", "step": base + step, "loss": loss.item(), "seconds": time.time() - t0})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
             bar.update()
             if step % args.checkpoint_every == 0 or step == args.steps:
                 with atomic_path(ckpt) as tmp:
@@ -189,7 +229,8 @@ def main(argv=None) -> int:
         (Path(tmp) / f"{TOY_CLIP_NAME}.json").write_text(json.dumps(TOY_CLIP_CONFIG, indent=1))
         state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(Path(tmp) / f"{TOY_CLIP_NAME}.safetensors"))
-        (Path(tmp) / "training_log.json").write_text(json.dumps(log))
+        (Path(tmp) / "training_log.json").write_text(json.dumps(compact_log(log)))
+        (Path(tmp) / "training_args.json").write_text(json.dumps(training_args(settings), indent=1))
     print(f"toy CLIP written to {args.out}")
     return 0
 

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_OUT = TOY_PRIOR_DIR  # where model_key: toy resolves
 EMPTY_CAPTION = 0.15
 NOT_SETTINGS = ("resume", "work", "out", "threads", "export_only", "stop_after")
-LATER_SETTINGS = {"vae_broad": 0.0}  # settings added after checkpoints were written, with the value those had
+LATER_SETTINGS = {"vae_broad": 0.0, "unet_decay_from": 0}  # settings added after checkpoints were written, with the
+# value those had
 
 
 class Paused(Exception):
@@ -74,6 +75,30 @@ def ema_decay(step: int, target: float = 0.999) -> float:
     return min(target, (1.0 + step) / (10.0 + step))
 
 
+def warmup_decay_lr(step: int, lr: float, total: int, decay_from: int = 0) -> float:
+    """The learning rate at 0-based `step` (the UNet's here, the toy CLIP's too): linear warm-up over 100 steps, then
+    constant; with `decay_from` > 0, linear decay from that step to zero at `total`."""
+    rate = lr * min(1.0, (step + 1) / 100)
+    if 0 < decay_from <= step:
+        rate *= (total - step) / (total - decay_from)
+    return rate
+
+
+def extends_unet(saved: dict, now: dict, phase: str, step: int) -> bool:
+    """Whether settings `now` only lengthen the UNet phase of a checkpoint made with `saved` (at `phase`, `step`)
+    without changing the learning rate of any step already done: more steps, and a decay that starts at or after
+    `step` (or none). Checkpoints from before --unet-decay-from had none."""
+    diff = {k for k in now if saved.get(k, LATER_SETTINGS.get(k)) != now[k]}
+    if phase not in ("unet", "done") or not diff <= {"unet_steps", "unet_decay_from"}:
+        return False
+    old_decay = saved.get("unet_decay_from", LATER_SETTINGS["unet_decay_from"])
+    if now["unet_steps"] < saved["unet_steps"] or (phase == "done" and now["unet_steps"] == saved["unet_steps"]):
+        return False
+    if old_decay and old_decay <= step:
+        return False  # the saved run was already decaying: another length would change done steps' rates
+    return now["unet_decay_from"] == 0 or now["unet_decay_from"] >= step
+
+
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
@@ -112,7 +137,11 @@ class Trainer:
                 "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
                 "vae_opt": self.vae_opt.state_dict(), "unet_opt": self.unet_opt.state_dict(),
                 "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "args": json.dumps({k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS})}
+                "args": json.dumps(self.settings())}
+
+    def settings(self) -> dict:
+        """The arguments that shape the result (not where files go, nor the thread count)."""
+        return {k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS}
 
     def save(self) -> None:
         with atomic_path(self.ckpt) as tmp:
@@ -121,11 +150,11 @@ class Trainer:
     def load(self) -> None:
         s = torch.load(self.ckpt, weights_only=True)
         saved_args = json.loads(s["args"])
-        now = {k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS}
+        now = self.settings()
         diff = sorted(k for k in now if saved_args.get(k, LATER_SETTINGS.get(k)) != now[k])
-        if diff == ["unet_steps"] and now["unet_steps"] > saved_args["unet_steps"] and s["phase"] in ("unet", "done"):
-            # more UNet steps: its learning rate is constant after warm-up, so going on equals having asked for the
-            # larger number from the start
+        if diff and extends_unet(saved_args, now, s["phase"], s["step"]):
+            # more UNet steps, the decay (if any) starting at or after the saved step: the learning rate of the steps
+            # done is unchanged, so going on equals having asked for the new schedule from the start
             s["phase"] = "unet"
         elif diff:
             raise ValueError(f"checkpoint {self.ckpt} was made with other settings ({', '.join(diff)}); rerun with "
@@ -183,9 +212,8 @@ class Trainer:
         self.unet_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.unet_params, 1.0)
-        warm = min(1.0, (self.step + 1) / 100)
         for g in self.unet_opt.param_groups:
-            g["lr"] = self.args.unet_lr * warm
+            g["lr"] = warmup_decay_lr(self.step, self.args.unet_lr, self.args.unet_steps, self.args.unet_decay_from)
         self.unet_opt.step()
         decay = ema_decay(self.step)
         ema_update(self.ema_unet, self.unet, decay)
@@ -240,12 +268,29 @@ class Trainer:
             for name in ("vocab.json", "merges.txt"):  # transformers 5 writes tokenizer.json only; 4.x needs these
                 shutil.copy(self.work / "tokenizer" / name, Path(tmp) / "tokenizer" / name)
             (Path(tmp) / "training_log.json").write_text(json.dumps(compact_log(self.log)))
+            (Path(tmp) / "training_args.json").write_text(json.dumps(self.settings(), indent=1))
 
 
-def compact_log(log: list[dict]) -> list[dict]:
-    """The training log as committed: losses to 6 significant digits, seconds to 0.1 s (a fifth of the bytes fewer,
-    which keeps the committed weights under the 25 MB budget)."""
-    return [{**r, "loss": float(f"{r['loss']:.6g}"), "seconds": round(r["seconds"], 1)} for r in log]
+def compact_log(log: list[dict]) -> dict:
+    """The training log as committed: one column per field for each phase (``{phase: {"step": [...], "loss": [...],
+    "seconds": [...]}}``), losses to 6 significant digits, seconds to 0.1 s: a third of the bytes of one JSON object
+    per step, which keeps the committed weights under the 25 MB budget. `expand_log` reads it back."""
+    out: dict[str, dict[str, list]] = {}
+    for r in log:
+        cols = out.setdefault(r["phase"], {"step": [], "loss": [], "seconds": []})
+        cols["step"].append(r["step"])
+        cols["loss"].append(float(f"{r['loss']:.6g}"))
+        cols["seconds"].append(round(r["seconds"], 1))
+    return out
+
+
+def expand_log(data) -> list[dict]:
+    """A committed training log (`compact_log`'s columns, or the list of per-step objects written before
+    2026-12-01) as a list of {"phase", "step", "loss", "seconds"}."""
+    if isinstance(data, list):
+        return data
+    return [{"phase": phase, "step": st, "loss": lo, "seconds": se}
+            for phase, cols in data.items() for st, lo, se in zip(cols["step"], cols["loss"], cols["seconds"])]
 
 
 def half_precision(path: Path) -> None:
@@ -279,6 +324,8 @@ def parse_args(argv=None):
                         "random colours, specks, noise), so that its encoder keeps colours it never saw")
     p.add_argument("--unet-steps", type=int, default=7000)
     p.add_argument("--unet-lr", type=float, default=4e-4)
+    p.add_argument("--unet-decay-from", type=int, default=0,
+                   help="UNet step from which the learning rate falls linearly to zero at --unet-steps (0: constant)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--stop-after", type=int, default=0,
@@ -288,6 +335,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not 0 <= args.unet_decay_from < args.unet_steps:
+        print(f"error: --unet-decay-from {args.unet_decay_from} must lie in [0, --unet-steps {args.unet_steps})",
+              file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     trainer = Trainer(args)
