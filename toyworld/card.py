@@ -22,6 +22,10 @@ from utils.files import write_text_atomic
 from utils.image_io import image_grid, save_png
 
 WEIGHTS = TOY_PRIOR_DIR.parent
+CLIP_HISTORY = ("Steps 1-1,000 on clean renders; 1,001-2,000 with half of each batch round-tripped through an "
+                "earlier prior's (world-only) autoencoder and 30% of backgrounds blotchy (committed 2026-11-30); "
+                "2,001-3,000 fine-tuned from that CLIP (`--init`, `--steps 1000 --domain-from 0 --lr 3e-4 "
+                "--decay-from 300`) with the committed prior's autoencoder round trip (2026-12-01)")
 
 
 @torch.no_grad()
@@ -98,7 +102,7 @@ def ground_truth_ceiling(objects: list, view: str, scorer, vae=None, seed: int =
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=2, help="samples per prompt")
+    p.add_argument("--seeds", type=int, default=4, help="samples per prompt")
     p.add_argument("--view", default="side", choices=["front", "side", "back", "plain"],
                    help="caption the samples are drawn with ('plain': the object's text alone)")
     p.add_argument("--out", default=str(WEIGHTS))
@@ -170,8 +174,7 @@ def render_card(acc: dict, n: int, sample_s: float, prior_log: list, clip_log: l
                  f"captions | autoencoder {last(vae):.4f}, UNet {last(unet):.4f} |")
     clip_row = ("| `clip/` | open_clip config `ptd-toy-clip` (ViT 64 px, patch 8, 4 layers; text 2 layers, context 32) "
                 f"| `python -m toyworld.train_clip`: {len(clip_log)} steps at batch 64 ({minutes(clip_log):.1f} min), "
-                "contrastive on the same renders; from step 1,000 half of each batch round-tripped through the "
-                f"prior's autoencoder and 30% of backgrounds blotchy | {last(clip_log):.4f} |")
+                f"contrastive on the same renders. {CLIP_HISTORY} | {last(clip_log):.4f} |")
     return f"""# The toy world's models
 
 Trained here, from scratch, on renders of the procedural toy world (`toyworld/world.py`: {len(prompts)} objects =
