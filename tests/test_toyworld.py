@@ -288,6 +288,38 @@ def test_train_prior_resume_equals_uninterrupted(tmp_path):
     again = list(decayed)
     again[again.index("--unet-steps") + 1] = "5"
     assert train_prior.main(again + ["--work", str(long), "--out", str(long / "out"), "--resume"]) == 2
+    # the decoder phase: added to a finished run = asked for from the start; the encoder (and so every latent the UNet
+    # saw) is untouched, the decoder changes; more UNet steps after it are refused
+    dec = decayed + ["--decoder-steps", "2", "--decoder-noise", "0.5"]
+    fresh_dec = tmp_path / "fresh_dec"
+    assert train_prior.main(dec + ["--work", str(fresh_dec), "--out", str(fresh_dec / "out")]) == 0
+    assert train_prior.main(dec + ["--work", str(long), "--out", str(long / "out"), "--resume"]) == 0
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    a, b, c = (load_file(d / "out" / vae) for d in (fresh_dec, long, fresh))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    encoder = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(a[k], c[k]) for k in encoder)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("decoder."))
+    u = "unet/diffusion_pytorch_model.safetensors"
+    assert all(torch.equal(x, load_file(fresh / "out" / u)[k]) for k, x in load_file(fresh_dec / "out" / u).items())
+    more = list(dec)
+    more[more.index("--unet-steps") + 1] = "5"
+    assert train_prior.main(more + ["--work", str(long), "--out", str(long / "out"), "--resume"]) == 2
+
+
+def test_extends_decoder_accepts_only_additions():
+    from toyworld.train_prior import extends_decoder
+
+    base = {"unet_steps": 100}  # from before the decoder phase existed: no decoder settings recorded
+    dec = {"decoder_steps": 50, "decoder_noise": 0.6, "decoder_lr": 1e-4}
+    assert extends_decoder(base, {**base, **dec}, "done")  # a finished run gets a decoder phase
+    assert extends_decoder(base, {**base, **dec}, "unet")  # before it begins, any decoder settings
+    assert not extends_decoder(base, {**base, **dec, "unet_steps": 200}, "done")  # with another setting: no
+    ran = {**base, **dec}
+    assert extends_decoder(ran, {**ran, "decoder_steps": 80}, "decoder")
+    assert extends_decoder(ran, {**ran, "decoder_steps": 80}, "done")
+    assert not extends_decoder(ran, {**ran, "decoder_steps": 30}, "done")  # fewer
+    assert not extends_decoder(ran, {**ran, "decoder_steps": 80, "decoder_noise": 0.3}, "decoder")  # other noise
 
 
 def test_unet_learning_rate_schedule():

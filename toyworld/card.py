@@ -167,11 +167,15 @@ def render_card(acc: dict, n: int, sample_s: float, prior_log: list, clip_log: l
     def row(name: str, a: dict) -> str:
         return "| " + " | ".join([name, *(f"{a[k]:.1%}" for k in ("prompt", "shape", "colour", "front"))]) + " |"
     minutes = lambda rows: rows[-1]["seconds"] / 60 if rows else 0.0  # noqa: E731
+    dec = [r for r in prior_log if r["phase"] == "decoder"]
+    decoder_text = (f", then the decoder {len(dec)} steps ({minutes(dec):.1f} min) on noisy latents, encoder frozen"
+                    if dec else "")
+    decoder_loss = f", decoder {last(dec):.4f}" if dec else ""
     prior_row = ("| `prior/` | diffusers StableDiffusionPipeline: AutoencoderKL 64 px -> 16x16x4, UNet2DConditionModel "
                  "(32, 64, 128), 2-layer CLIPTextModel (width 64), SD 2.1-base's DDIM schedule, epsilon prediction | "
                  f"`python -m toyworld.train_prior`: autoencoder {len(vae)} steps ({minutes(vae):.1f} min), then UNet "
                  f"+ text encoder {len(unet)} steps at batch 32 ({minutes(unet):.1f} min), EMA weights, 15% empty "
-                 f"captions | autoencoder {last(vae):.4f}, UNet {last(unet):.4f} |")
+                 f"captions{decoder_text} | autoencoder {last(vae):.4f}, UNet {last(unet):.4f}{decoder_loss} |")
     clip_row = ("| `clip/` | open_clip config `ptd-toy-clip` (ViT 64 px, patch 8, 4 layers; text 2 layers, context 32) "
                 f"| `python -m toyworld.train_clip`: {len(clip_log)} steps at batch 64 ({minutes(clip_log):.1f} min), "
                 f"contrastive on the same renders. {CLIP_HISTORY} | {last(clip_log):.4f} |")

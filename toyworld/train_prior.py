@@ -3,8 +3,10 @@
 A normal diffusers StableDiffusionPipeline folder (AutoencoderKL 64 px -> 16x16x4, UNet2DConditionModel, a small
 CLIPTextModel trained jointly with the UNet, SD 2.1-base's DDIM schedule), trained on the toy world's renders
 (toyworld.data) with their view-dependent captions, 15% empty captions (the unconditional branch of CFG) and EMA
-weights. Two phases, each checkpointed every --checkpoint-every steps in --work; `--resume` continues where an
-interrupted run stopped, with the same result as an uninterrupted one up to thread scheduling.
+weights. Two phases (three with --decoder-steps: the decoder then learns to decode noisy latents, the encoder
+frozen), each checkpointed every --checkpoint-every steps in --work; `--resume` continues where an interrupted run
+stopped, with the same result as an uninterrupted one at the same thread count. `--resume` with more UNet steps, a
+later learning-rate decay or an added decoder phase goes on from a finished run as if asked for from the start.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_OUT = TOY_PRIOR_DIR  # where model_key: toy resolves
 EMPTY_CAPTION = 0.15
 NOT_SETTINGS = ("resume", "work", "out", "threads", "export_only", "stop_after")
-LATER_SETTINGS = {"vae_broad": 0.0, "unet_decay_from": 0}  # settings added after checkpoints were written, with the
-# value those had
+# settings added after checkpoints were written, with the value those had
+LATER_SETTINGS = {"vae_broad": 0.0, "unet_decay_from": 0, "decoder_steps": 0, "decoder_noise": 0.6, "decoder_lr": 1e-4}
 
 
 class Paused(Exception):
@@ -91,12 +93,27 @@ def extends_unet(saved: dict, now: dict, phase: str, step: int) -> bool:
     diff = {k for k in now if saved.get(k, LATER_SETTINGS.get(k)) != now[k]}
     if phase not in ("unet", "done") or not diff <= {"unet_steps", "unet_decay_from"}:
         return False
+    if phase == "done" and saved.get("decoder_steps", LATER_SETTINGS["decoder_steps"]):
+        return False  # the decoder phase ran after the UNet's: more UNet steps now would come in another order
     old_decay = saved.get("unet_decay_from", LATER_SETTINGS["unet_decay_from"])
     if now["unet_steps"] < saved["unet_steps"] or (phase == "done" and now["unet_steps"] == saved["unet_steps"]):
         return False
     if old_decay and old_decay <= step:
         return False  # the saved run was already decaying: another length would change done steps' rates
     return now["unet_decay_from"] == 0 or now["unet_decay_from"] >= step
+
+
+def extends_decoder(saved: dict, now: dict, phase: str) -> bool:
+    """Whether settings `now` only add or lengthen the decoder phase of a checkpoint made with `saved` (at `phase`):
+    any decoder settings before that phase has begun (a finished run without one starts it), afterwards only more
+    steps at the same noise and learning rate (both constant)."""
+    diff = {k for k in now if saved.get(k, LATER_SETTINGS.get(k)) != now[k]}
+    if not diff <= {"decoder_steps", "decoder_noise", "decoder_lr"}:
+        return False
+    old = saved.get("decoder_steps", LATER_SETTINGS["decoder_steps"])
+    if phase in ("vae", "unet") or (phase == "done" and old == 0):
+        return True
+    return diff == {"decoder_steps"} and now["decoder_steps"] > old
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -122,6 +139,8 @@ class Trainer:
         self.unet_params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.unet_opt = torch.optim.AdamW(self.unet_params, lr=args.unet_lr, weight_decay=0.01)
         self.ema_unet, self.ema_text = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
+        self.decoder_params = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
+        self.decoder_opt = torch.optim.AdamW(self.decoder_params, lr=args.decoder_lr, weight_decay=0.0)
         self.ckpt = self.work / "checkpoint.pt"
 
     @property
@@ -136,6 +155,7 @@ class Trainer:
                 "vae": self.vae.state_dict(), "unet": self.unet.state_dict(), "text": self.text_encoder.state_dict(),
                 "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
                 "vae_opt": self.vae_opt.state_dict(), "unet_opt": self.unet_opt.state_dict(),
+                "decoder_opt": self.decoder_opt.state_dict(),
                 "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "args": json.dumps(self.settings())}
 
@@ -156,6 +176,10 @@ class Trainer:
             # more UNet steps, the decay (if any) starting at or after the saved step: the learning rate of the steps
             # done is unchanged, so going on equals having asked for the new schedule from the start
             s["phase"] = "unet"
+        elif diff and extends_decoder(saved_args, now, s["phase"]):
+            if s["phase"] == "done":  # a finished run gets (more) decoder steps
+                old = saved_args.get("decoder_steps", LATER_SETTINGS["decoder_steps"])
+                s["phase"], s["step"] = "decoder", s["step"] if old else 0
         elif diff:
             raise ValueError(f"checkpoint {self.ckpt} was made with other settings ({', '.join(diff)}); rerun with "
                              "the same arguments, or remove it to start over")
@@ -167,6 +191,8 @@ class Trainer:
         self.ema_text.load_state_dict(s["ema_text"])
         self.vae_opt.load_state_dict(s["vae_opt"])
         self.unet_opt.load_state_dict(s["unet_opt"])
+        if "decoder_opt" in s:  # checkpoints from before the decoder phase have none
+            self.decoder_opt.load_state_dict(s["decoder_opt"])
         self.gen.set_state(s["gen"])
         torch.set_rng_state(s["torch_rng"])
 
@@ -220,6 +246,23 @@ class Trainer:
         ema_update(self.ema_text, self.text_encoder, decay)
         return loss.item()
 
+    def decoder_step(self) -> float:
+        """The decoder (and post_quant_conv) learns to decode posterior samples plus Gaussian noise of up to
+        --decoder-noise (in the UNet's scaled units) into the clean image; the encoder stays frozen, so the latents the
+        UNet was trained on, and stage 1 and 2 see, do not change."""
+        images, _ = self.batch(self.args.vae_batch, broad=self.args.vae_broad)
+        x = 2 * images - 1
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.sample(generator=self.gen)
+        sigma = torch.rand(z.shape[0], 1, 1, 1, generator=self.gen) * self.args.decoder_noise
+        z = z + sigma / self.scaling * torch.randn(z.shape, generator=self.gen)
+        rec = self.vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        self.decoder_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.decoder_opt.step()
+        return loss.item()
+
     def run(self) -> None:
         a = self.args
         if self.phase == "vae":
@@ -231,6 +274,13 @@ class Trainer:
         if self.phase == "unet":
             self.vae.eval().requires_grad_(False)
             self._loop(a.unet_steps, self.unet_step, "UNet + text encoder")
+            self.phase, self.step = ("decoder", 0) if a.decoder_steps else ("done", self.step)
+            self.save()
+        if self.phase == "decoder":
+            self.vae.eval().requires_grad_(False)
+            for q in self.decoder_params:
+                q.requires_grad_(True)
+            self._loop(a.decoder_steps, self.decoder_step, "decoder")
             self.phase = "done"
             self.save()
 
@@ -326,6 +376,11 @@ def parse_args(argv=None):
     p.add_argument("--unet-lr", type=float, default=4e-4)
     p.add_argument("--unet-decay-from", type=int, default=0,
                    help="UNet step from which the learning rate falls linearly to zero at --unet-steps (0: constant)")
+    p.add_argument("--decoder-steps", type=int, default=0,
+                   help="after the UNet: fine-tune the decoder on noisy latents, the encoder frozen (0: none)")
+    p.add_argument("--decoder-noise", type=float, default=0.6,
+                   help="largest std of the Gaussian noise added to the decoder's latents, in the UNet's units")
+    p.add_argument("--decoder-lr", type=float, default=1e-4)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--stop-after", type=int, default=0,
