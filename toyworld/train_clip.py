@@ -23,7 +23,7 @@ from tqdm import tqdm
 from evaluation.clip import TOY_CLIP_DIR, TOY_CLIP_NAME
 from guidance.sd_utils import TOY_PRIOR_DIR
 from toyworld.data import cached_dataset, composite
-from toyworld.train_prior import compact_log, expand_log, warmup_decay_lr
+from toyworld.train_prior import changed_settings, compact_log, expand_log, warmup_decay_lr
 from utils.files import atomic_folder, atomic_path
 
 REPO = Path(__file__).resolve().parent
@@ -177,20 +177,19 @@ def main(argv=None) -> int:
         except FileNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    base = log[-1]["step"] if log else 0  # the init's steps: the log's step numbers go on from them
     if ckpt.is_file():
         if not args.resume:
             print(f"error: {ckpt} exists; pass --resume to continue it, or delete it to start over", file=sys.stderr)
             return 2
         s = torch.load(ckpt, weights_only=True)
-        if {**LATER_SETTINGS, **json.loads(s["settings"])} != settings:
+        if changed_settings(json.loads(s["settings"]), settings, LATER_SETTINGS):
             print(f"error: {ckpt} was made with other settings; rerun with the same arguments", file=sys.stderr)
             return 2
         model.load_state_dict(s["model"])
         opt.load_state_dict(s["opt"])
         gen.set_state(s["gen"])
         step, log = int(s["step"]), json.loads(s["log"])
-        base = log[-1]["step"] - step if log else 0
+    base = log[-1]["step"] - step if log else 0  # an --init's steps: the log's step numbers go on from them
     t0, vae = time.time() - (log[-1]["seconds"] if log else 0.0), None  # the log's seconds go on across resumes
     with tqdm(total=args.steps, initial=step, desc="toy CLIP", unit="step") as bar:
         while step < args.steps:

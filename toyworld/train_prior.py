@@ -86,11 +86,17 @@ def warmup_decay_lr(step: int, lr: float, total: int, decay_from: int = 0) -> fl
     return rate
 
 
+def changed_settings(saved: dict, now: dict, later: dict) -> set[str]:
+    """The settings in `now` that differ from a checkpoint's `saved` ones; a setting the checkpoint predates counts as
+    the value in `later` (what runs before it existed did)."""
+    return {k for k in now if saved.get(k, later.get(k)) != now[k]}
+
+
 def extends_unet(saved: dict, now: dict, phase: str, step: int) -> bool:
     """Whether settings `now` only lengthen the UNet phase of a checkpoint made with `saved` (at `phase`, `step`)
     without changing the learning rate of any step already done: more steps, and a decay that starts at or after
     `step` (or none). Checkpoints from before --unet-decay-from had none."""
-    diff = {k for k in now if saved.get(k, LATER_SETTINGS.get(k)) != now[k]}
+    diff = changed_settings(saved, now, LATER_SETTINGS)
     if phase not in ("unet", "done") or not diff <= {"unet_steps", "unet_decay_from"}:
         return False
     if phase == "done" and saved.get("decoder_steps", LATER_SETTINGS["decoder_steps"]):
@@ -107,7 +113,7 @@ def extends_decoder(saved: dict, now: dict, phase: str) -> bool:
     """Whether settings `now` only add or lengthen the decoder phase of a checkpoint made with `saved` (at `phase`):
     any decoder settings before that phase has begun (a finished run without one starts it), afterwards only more
     steps at the same noise and learning rate (both constant)."""
-    diff = {k for k in now if saved.get(k, LATER_SETTINGS.get(k)) != now[k]}
+    diff = changed_settings(saved, now, LATER_SETTINGS)
     if not diff <= {"decoder_steps", "decoder_noise", "decoder_lr"}:
         return False
     old = saved.get("decoder_steps", LATER_SETTINGS["decoder_steps"])
@@ -171,7 +177,7 @@ class Trainer:
         s = torch.load(self.ckpt, weights_only=True)
         saved_args = json.loads(s["args"])
         now = self.settings()
-        diff = sorted(k for k in now if saved_args.get(k, LATER_SETTINGS.get(k)) != now[k])
+        diff = sorted(changed_settings(saved_args, now, LATER_SETTINGS))
         if diff and extends_unet(saved_args, now, s["phase"], s["step"]):
             # more UNet steps, the decay (if any) starting at or after the saved step: the learning rate of the steps
             # done is unchanged, so going on equals having asked for the new schedule from the start
