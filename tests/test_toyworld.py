@@ -244,7 +244,7 @@ def test_train_prior_resume_equals_uninterrupted(tmp_path):
     from toyworld import train_prior
 
     common = ["--views", "1", "--batch", "2", "--vae-batch", "2", "--vae-steps", "2", "--unet-steps", "2",
-              "--checkpoint-every", "1", "--threads", "1"]
+              "--unet-decay-from", "0", "--decoder-steps", "0", "--checkpoint-every", "1", "--threads", "1"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert train_prior.main(common + ["--work", str(whole), "--out", str(whole / "out")]) == 0
     args = common + ["--work", str(part), "--out", str(part / "out")]

@@ -25,7 +25,8 @@ WEIGHTS = TOY_PRIOR_DIR.parent
 CLIP_HISTORY = ("Steps 1-1,000 on clean renders; 1,001-2,000 with half of each batch round-tripped through an "
                 "earlier prior's (world-only) autoencoder and 30% of backgrounds blotchy (committed 2026-11-30); "
                 "2,001-3,000 fine-tuned from that CLIP (`--init`, `--steps 1000 --domain-from 0 --lr 3e-4 "
-                "--decay-from 300`) with the committed prior's autoencoder round trip (2026-12-01)")
+                "--decay-from 300`) with round trips through the autoencoder of the prior's first 7,000 UNet "
+                "steps (same encoder as now, decoder from before the decoder phase; 2026-12-01)")
 
 
 @torch.no_grad()
@@ -190,9 +191,12 @@ real objects, and let the project measure the paper's claims against ground trut
 {prior_row}
 {clip_row}
 
-Times are on this project's 2-core CPU machine (other work shared it), one run each. The committed prior was
-trained with `--threads 2`: training is seeded and reproduces bit for bit at the same thread count only (another
-count changes the float sums from the second step on, and thousands of steps make that a different model).
+Times are on this project's 2-core CPU machine (other work shared it), one run each. The committed prior is
+`python -m toyworld.train_prior --threads 2` (the defaults), trained in two sittings: 7,000 UNet steps at a constant
+learning rate, then `--resume` with today's defaults (3,000 more, decaying from step 7,000, and the decoder phase),
+which by train_prior's resume rules equals one run (tested). Training is seeded and reproduces bit for bit at the
+same thread count only (another count changes the float sums from the second step on, and thousands of steps make
+that a different model).
 
 ## Samples (DDIM 50, CFG 7.5, empty negative prompt, 64 px)
 

@@ -3,10 +3,11 @@
 A normal diffusers StableDiffusionPipeline folder (AutoencoderKL 64 px -> 16x16x4, UNet2DConditionModel, a small
 CLIPTextModel trained jointly with the UNet, SD 2.1-base's DDIM schedule), trained on the toy world's renders
 (toyworld.data) with their view-dependent captions, 15% empty captions (the unconditional branch of CFG) and EMA
-weights. Two phases (three with --decoder-steps: the decoder then learns to decode noisy latents, the encoder
-frozen), each checkpointed every --checkpoint-every steps in --work; `--resume` continues where an interrupted run
-stopped, with the same result as an uninterrupted one at the same thread count. `--resume` with more UNet steps, a
-later learning-rate decay or an added decoder phase goes on from a finished run as if asked for from the start.
+weights. Three phases (autoencoder; UNet + text encoder; --decoder-steps, 0 to skip: the decoder learns to
+decode noisy latents, the encoder frozen), each checkpointed every --checkpoint-every steps in --work; `--resume`
+continues where an interrupted run stopped, with the same result as an uninterrupted one at the same thread count.
+`--resume` with more UNet steps, a later learning-rate decay or an added decoder phase goes on from a finished run
+as if asked for from the start.
 """
 from __future__ import annotations
 
@@ -378,11 +379,11 @@ def parse_args(argv=None):
     p.add_argument("--vae-broad", type=float, default=0.5,
                    help="share of the autoencoder's images widened beyond the world (toyworld.data.broad_composite: "
                         "random colours, specks, noise), so that its encoder keeps colours it never saw")
-    p.add_argument("--unet-steps", type=int, default=7000)
+    p.add_argument("--unet-steps", type=int, default=10000)
     p.add_argument("--unet-lr", type=float, default=4e-4)
-    p.add_argument("--unet-decay-from", type=int, default=0,
+    p.add_argument("--unet-decay-from", type=int, default=7000,
                    help="UNet step from which the learning rate falls linearly to zero at --unet-steps (0: constant)")
-    p.add_argument("--decoder-steps", type=int, default=0,
+    p.add_argument("--decoder-steps", type=int, default=1000,
                    help="after the UNet: fine-tune the decoder on noisy latents, the encoder frozen (0: none)")
     p.add_argument("--decoder-noise", type=float, default=0.6,
                    help="largest std of the Gaussian noise added to the decoder's latents, in the UNet's units")
