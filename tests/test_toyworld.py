@@ -236,6 +236,16 @@ def test_clip_loss_matches_brute_force():
 
 
 @pytest.mark.slow
+def test_train_prior_refuses_a_decay_start_past_its_steps(tmp_path, capsys):
+    """The default recipe decays from step 7,000, so a shorter run must say which flag to change, before any work."""
+    from toyworld import train_prior
+
+    assert train_prior.main(["--unet-steps", "500", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--unet-decay-from 7000" in err and "0 for a constant" in err and err.count("\n") == 1
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
 def test_train_prior_resume_equals_uninterrupted(tmp_path):
     """A run stopped after the first UNet step and resumed writes the same weights as one never stopped; a
     checkpoint is never silently reused by a run with other settings."""

@@ -398,8 +398,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not 0 <= args.unet_decay_from < args.unet_steps:
-        print(f"error: --unet-decay-from {args.unet_decay_from} must lie in [0, --unet-steps {args.unet_steps})",
-              file=sys.stderr)
+        print(f"error: --unet-decay-from {args.unet_decay_from} must lie in [0, --unet-steps {args.unet_steps}); "
+              "pass a smaller one, or 0 for a constant learning rate", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
