@@ -315,6 +315,14 @@ def test_train_prior_resume_equals_uninterrupted(tmp_path):
     more = list(dec)
     more[more.index("--unet-steps") + 1] = "5"
     assert train_prior.main(more + ["--work", str(long), "--out", str(long / "out"), "--resume"]) == 2
+    # a longer, decaying UNet phase and a decoder phase added in one --resume of a finished constant-rate run (a
+    # checkpoint of the old defaults resumed with the new ones) = both asked for from the start
+    once = tmp_path / "once"
+    assert train_prior.main(common + ["--work", str(once), "--out", str(once / "out")]) == 0
+    assert train_prior.main(dec + ["--work", str(once), "--out", str(once / "out"), "--resume"]) == 0
+    for sub in (u, vae, "text_encoder/model.safetensors"):
+        a, b = load_file(fresh_dec / "out" / sub), load_file(once / "out" / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
 
 
 def test_extends_decoder_accepts_only_additions():

@@ -192,9 +192,9 @@ real objects, and let the project measure the paper's claims against ground trut
 {clip_row}
 
 Times are on this project's 2-core CPU machine (other work shared it), one run each. The committed prior is
-`python -m toyworld.train_prior --threads 2` (the defaults), trained in two sittings: 7,000 UNet steps at a constant
-learning rate, then `--resume` with today's defaults (3,000 more, decaying from step 7,000, and the decoder phase),
-which by train_prior's resume rules equals one run (tested). Training is seeded and reproduces bit for bit at the
+`python -m toyworld.train_prior --threads 2` (the defaults), trained in three sittings: 7,000 UNet steps at a constant
+learning rate; `--resume --unet-steps 10000 --unet-decay-from 7000` (3,000 more, the rate falling linearly to 0); then
+`--resume` with the decoder phase added. By train_prior's resume rules that equals one run of the defaults (tested). Training is seeded and reproduces bit for bit at the
 same thread count only (another count changes the float sums from the second step on, and thousands of steps make
 that a different model).
 

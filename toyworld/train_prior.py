@@ -6,8 +6,9 @@ CLIPTextModel trained jointly with the UNet, SD 2.1-base's DDIM schedule), train
 weights. Three phases (autoencoder; UNet + text encoder; --decoder-steps, 0 to skip: the decoder learns to
 decode noisy latents, the encoder frozen), each checkpointed every --checkpoint-every steps in --work; `--resume`
 continues where an interrupted run stopped, with the same result as an uninterrupted one at the same thread count.
-`--resume` with more UNet steps, a later learning-rate decay or an added decoder phase goes on from a finished run
-as if asked for from the start.
+`--resume` with more UNet steps, a later learning-rate decay or an added decoder phase (or a longer UNet phase and a
+decoder phase at once, as a checkpoint of the old 7,000-step defaults gets from a plain `--resume` now) goes on from
+a finished run as if asked for from the start.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ EMPTY_CAPTION = 0.15
 NOT_SETTINGS = ("resume", "work", "out", "threads", "export_only", "stop_after")
 # settings added after checkpoints were written, with the value those had
 LATER_SETTINGS = {"vae_broad": 0.0, "unet_decay_from": 0, "decoder_steps": 0, "decoder_noise": 0.6, "decoder_lr": 1e-4}
+DECODER_SETTINGS = ("decoder_steps", "decoder_noise", "decoder_lr")
 
 
 class Paused(Exception):
@@ -115,7 +117,7 @@ def extends_decoder(saved: dict, now: dict, phase: str) -> bool:
     any decoder settings before that phase has begun (a finished run without one starts it), afterwards only more
     steps at the same noise and learning rate (both constant)."""
     diff = changed_settings(saved, now, LATER_SETTINGS)
-    if not diff <= {"decoder_steps", "decoder_noise", "decoder_lr"}:
+    if not diff <= set(DECODER_SETTINGS):
         return False
     old = saved.get("decoder_steps", LATER_SETTINGS["decoder_steps"])
     if phase in ("vae", "unet") or (phase == "done" and old == 0):
@@ -179,7 +181,11 @@ class Trainer:
         saved_args = json.loads(s["args"])
         now = self.settings()
         diff = sorted(changed_settings(saved_args, now, LATER_SETTINGS))
-        if diff and extends_unet(saved_args, now, s["phase"], s["step"]):
+        # the UNet's part of the new settings, with the checkpoint's decoder settings: extending the UNet may come
+        # with any decoder phase, which then runs after the UNet's steps as in a run asked for so from the start
+        unet_part = {**now, **{k: saved_args.get(k, LATER_SETTINGS[k]) for k in DECODER_SETTINGS}}
+        if diff and changed_settings(saved_args, unet_part, LATER_SETTINGS) and extends_unet(
+                saved_args, unet_part, s["phase"], s["step"]):
             # more UNet steps, the decay (if any) starting at or after the saved step: the learning rate of the steps
             # done is unchanged, so going on equals having asked for the new schedule from the start
             s["phase"] = "unet"
