@@ -194,9 +194,9 @@ real objects, and let the project measure the paper's claims against ground trut
 Times are on this project's 2-core CPU machine (other work shared it), one run each. The committed prior is
 `python -m toyworld.train_prior --threads 2` (the defaults), trained in three sittings: 7,000 UNet steps at a constant
 learning rate; `--resume --unet-steps 10000 --unet-decay-from 7000` (3,000 more, the rate falling linearly to 0); then
-`--resume` with the decoder phase added. By train_prior's resume rules that equals one run of the defaults (tested). Training is seeded and reproduces bit for bit at the
-same thread count only (another count changes the float sums from the second step on, and thousands of steps make
-that a different model).
+`--resume` with the decoder phase added. By train_prior's resume rules that equals one run of the defaults
+(tested). Training is seeded and reproduces bit for bit at the same thread count only (another count changes the
+float sums from the second step on, and thousands of steps make that a different model).
 
 ## Samples (DDIM 50, CFG 7.5, empty negative prompt, 64 px)
 
