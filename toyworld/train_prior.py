@@ -184,8 +184,7 @@ class Trainer:
         # the UNet's part of the new settings, with the checkpoint's decoder settings: extending the UNet may come
         # with any decoder phase, which then runs after the UNet's steps as in a run asked for so from the start
         unet_part = {**now, **{k: saved_args.get(k, LATER_SETTINGS[k]) for k in DECODER_SETTINGS}}
-        if diff and changed_settings(saved_args, unet_part, LATER_SETTINGS) and extends_unet(
-                saved_args, unet_part, s["phase"], s["step"]):
+        if diff and extends_unet(saved_args, unet_part, s["phase"], s["step"]):
             # more UNet steps, the decay (if any) starting at or after the saved step: the learning rate of the steps
             # done is unchanged, so going on equals having asked for the new schedule from the start
             s["phase"] = "unet"
